@@ -1,0 +1,1 @@
+"""Built-in backbone plugins, loaded through the `surgery.backbones` entry points."""

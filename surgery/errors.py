@@ -1,0 +1,62 @@
+"""One exception hierarchy for everything token-surgery refuses to do.
+
+Every error names what was wrong and what is allowed. Whenever one of these is raised from
+`resize`, `tokens`, `load` or the CLI, the model and every file are exactly as they were.
+Catch `SurgeryError` to catch them all.
+"""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class of every error raised by token-surgery."""
+
+
+class PluginError(SurgeryError):
+    """A backbone plugin failed to import or to register."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins claim the same backbone, model or site name."""
+
+
+class BackboneError(SurgeryError, LookupError):
+    """A model no plugin recognises, or a model name no plugin can build."""
+
+
+class SiteError(SurgeryError, LookupError):
+    """A token site the model does not have."""
+
+
+class CountError(SurgeryError, ValueError):
+    """A token count that is not an integer or violates the site's constraints."""
+
+
+class StrategyError(SurgeryError, ValueError):
+    """An unknown init/shrink strategy, or one that cannot work on the tokens at hand."""
+
+
+class ResizeError(SurgeryError):
+    """A step of a resize failed (a plugin's error, out of memory, ...); the model was rolled back."""
+
+
+class CheckpointError(SurgeryError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would run code or build arbitrary objects; it was refused before running anything."""
+
+
+__all__ = [
+    "SurgeryError",
+    "PluginError",
+    "PluginConflictError",
+    "BackboneError",
+    "SiteError",
+    "CountError",
+    "StrategyError",
+    "ResizeError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+]

@@ -1,0 +1,91 @@
+"""The hooks a backbone plugin implements: the token-count contract between plugins and the engine.
+
+A plugin is a module (or object) with functions named after these hooks, marked with
+`surgery.hookimpl`, and listed under the `surgery.backbones` entry-point group:
+
+    # pyproject.toml
+    [project.entry-points."surgery.backbones"]
+    my_backbone = "my_package.surgery_plugin"
+
+Which hooks a plugin needs:
+
+* `surgery_register_backbones`: the backbones it knows and how to recognise one ("which backbone
+  a model is"). Required for a plugin that brings a backbone.
+* `surgery_register_models`: named models it can build (a released size, a tiny one for tests),
+  so the CLI and the conformance kit can build any backbone without code.
+* `surgery_token_sites`: the token sites of a model (see `surgery.site`). A plugin may add sites
+  to another plugin's backbone; two plugins declaring the same site name is an error.
+* `surgery_apply_count`: only for a count that changes the model's structure (which layers get
+  an adapter, say). Most sites are applied by the engine from their declaration alone.
+* `surgery_before_resize` / `surgery_after_resize`: events any plugin may observe, around every
+  change of counts (including the restore at the end of `surgery.tokens(...)` and the resize done
+  while loading a checkpoint). A plugin that caches something derived from a count drops it here.
+
+Registration hooks receive a `register` callback, so the host owns naming and collisions and
+knows which plugin registered what.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "surgery"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def surgery_register_backbones(register: Callable[..., None]) -> None:
+    """Register the backbones this plugin recognises.
+
+    Call `register(name, detect, description="")` once per backbone. `detect(model) -> bool` says
+    whether a built model is of this backbone; it must be cheap and must not change the model.
+    Two plugins registering the same name is an error naming both.
+    """
+
+
+@hookspec
+def surgery_register_models(register: Callable[..., None]) -> None:
+    """Register models this plugin can build by name.
+
+    Call `register(name, factory, backbone, description="", example_inputs=None, forward=None)`:
+    `factory(**kwargs) -> nn.Module` builds the model (random weights; no downloads);
+    `example_inputs(model) -> tuple` gives inputs for a forward pass (batch of 2 is customary);
+    `forward(model, *inputs)` returns a tensor or a tuple of tensors to compare (default:
+    `model(*inputs)`). Give tests a tiny config: the conformance kit builds it many times.
+    """
+
+
+@hookspec
+def surgery_token_sites(model: Any, backbone: str) -> list | None:
+    """Return the `TokenSite`s this plugin knows on `model` (of backbone `backbone`), or None.
+
+    Build the descriptors from the model's current state every time: the engine asks again after
+    each site it changes, so offsets and counters derived from other sites stay right.
+    """
+
+
+@hookspec(firstresult=True)
+def surgery_apply_count(model: Any, backbone: str, change: Any) -> bool | None:
+    """Apply a count change the engine cannot apply from the site's declaration alone.
+
+    `change` is a `surgery.engine.SiteChange`: `change.site`, `change.old`, `change.new`,
+    `change.edit` (the journal every mutation must go through, so the change can be undone),
+    `change.resize_tensor(t)` and `change.apply_default()`. Return True when this plugin applied
+    the change, None to leave it to the engine (or to another plugin).
+    """
+
+
+@hookspec
+def surgery_before_resize(model: Any, backbone: str, changes: dict) -> None:
+    """Called before counts change; `changes` maps site name -> (old count, new count).
+
+    Must only drop derived state (caches): the change may still fail and be rolled back.
+    """
+
+
+@hookspec
+def surgery_after_resize(model: Any, backbone: str, changes: dict) -> None:
+    """Called after counts changed (also after `tokens(...)` restored them); `changes` as above."""

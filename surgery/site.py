@@ -1,0 +1,207 @@
+"""Token sites: the declarative description of "a count of learned tokens" in a built model.
+
+A plugin describes each site of a model with a `TokenSite`: its current count, the constraints
+on it, every tensor that carries the count (and along which axis), the coupled rows of other
+tensors that belong to those tokens (positional embeddings of prefix tokens, say), and the plain
+attributes ("counters") that must follow the count. The engine (`surgery.engine`) applies any
+site from this description alone, so a plugin never writes resize code of its own unless a count
+changes the model's structure (then it implements the `surgery_apply_count` hook).
+
+Descriptors are snapshots: a plugin builds them from the model's current state each time it is
+asked, so offsets that depend on another site's count (register rows after the class-token row)
+are always current.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TokenTensor:
+    """One tensor whose extent along `axis` holds this site's tokens.
+
+    The site owns the block `[start, start + count)` along `axis`; everything before and after
+    that block (patch positions, another site's tokens) is kept as it is.
+
+    `view` lets a flat table be seen with the token axis split out: an `(L*Q, D)` embedding
+    table declared with `view=(L, Q, D), axis=1` is resized along Q, and stored back as
+    `(L*Q', D)`. Each dimension of the real tensor must be a product of consecutive view dims.
+
+    `template` stands for a tensor that is absent (`None`) while the count is zero, as timm's
+    `reg_token` is: a zero-token tensor of the right rank, dtype and device. When the count
+    returns to zero the attribute goes back to `None`.
+    """
+
+    module: nn.Module
+    name: str
+    axis: int
+    start: int = 0
+    view: tuple[int, ...] | None = None
+    coupled: bool = False
+    template: torch.Tensor | None = None
+    requires_grad: bool = True
+
+    def current(self) -> torch.Tensor | None:
+        """The tensor as stored on the module (None when absent)."""
+        return getattr(self.module, self.name, None)
+
+    def tensor(self) -> torch.Tensor:
+        """The tensor, or its zero-token template when absent."""
+        value = self.current()
+        if value is None:
+            if self.template is None:
+                raise ValueError(f"{self.name} is None and the site declared no template for it")
+            return self.template
+        return value
+
+    def viewed(self) -> torch.Tensor:
+        """The tensor seen through `view` (or as it is)."""
+        value = self.tensor()
+        return value.view(self.view) if self.view is not None else value
+
+    def stored_shape(self, viewed_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The real tensor's shape for a given shape of its view (groups of view dims multiply)."""
+        if self.view is None:
+            return tuple(viewed_shape)
+        groups = _view_groups(tuple(self.tensor().shape), self.view)
+        return tuple(math.prod(viewed_shape[i] for i in group) for group in groups)
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A plain attribute (or mapping item) that must follow a site's count.
+
+    `value(count)` gives the attribute's value for a count; by default it is the count itself.
+    Counters derived from several sites (timm's `num_prefix_tokens` = class + registers) are
+    declared with a function closed over the other sites' current counts.
+    """
+
+    target: Any
+    attr: str
+    value: Callable[[int], Any] | None = None
+
+    def value_for(self, count: int) -> Any:
+        return count if self.value is None else self.value(count)
+
+    def current(self) -> Any:
+        if isinstance(self.target, Mapping):
+            return self.target.get(self.attr)
+        return getattr(self.target, self.attr)
+
+
+@dataclass
+class TokenSite:
+    """A count of learned tokens in a model, and everything that must follow it.
+
+    Constraints: `min <= count <= max` (`max=None`: unbounded) and `(count - min) % step == 0`.
+    `note` explains a constraint that is not obvious ("global_pool='token' reads the class
+    token"); it is shown in every error about this site.
+
+    `default_init` is the growth strategy used for new tokens when the caller does not choose
+    one (and for rows beyond those the `restore` strategy can bring back).
+
+    `count_in_state_dict` reads this site's count out of a state dict of the same backbone (for
+    loading checkpoints of another count); `None` uses the engine's default reading, from the
+    first tensor's key and axis.
+    """
+
+    name: str
+    count: int
+    tensors: list[TokenTensor] = field(default_factory=list)
+    counters: list[Counter] = field(default_factory=list)
+    min: int = 0
+    max: int | None = None
+    step: int = 1
+    default_init: str = "normal"
+    note: str = ""
+    description: str = ""
+    count_in_state_dict: Callable[[Mapping[str, torch.Tensor], dict[str, str]], int | None] | None = None
+    plugin: str = ""  # filled in by the host: which plugin declared the site
+
+    def allowed(self) -> str:
+        """The constraint in words, for error messages."""
+        upper = "no upper bound" if self.max is None else f"at most {self.max}"
+        text = f"an integer, at least {self.min}, {upper}"
+        if self.step != 1:
+            text += f", in steps of {self.step} from {self.min}"
+        if self.note:
+            text += f" ({self.note})"
+        return text
+
+    def violation(self, count: Any) -> str | None:
+        """Why `count` is not allowed, or None when it is."""
+        if isinstance(count, bool) or not isinstance(count, int):
+            return f"got {count!r} of type {type(count).__name__}"
+        if count < self.min:
+            return f"got {count}, below the minimum {self.min}"
+        if self.max is not None and count > self.max:
+            return f"got {count}, above the maximum {self.max}"
+        if (count - self.min) % self.step:
+            return f"got {count}, not a multiple of {self.step} steps from {self.min}"
+        return None
+
+    def to_dict(self, paths: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """A JSON-ready summary (used by `surgery inspect`)."""
+        def path(t: TokenTensor) -> str:
+            key = paths.get(id(t.module), "?") if paths is not None else "?"
+            return f"{key}.{t.name}" if key else t.name
+
+        return {
+            "name": self.name,
+            "count": self.count,
+            "min": self.min,
+            "max": self.max,
+            "step": self.step,
+            "default_init": self.default_init,
+            "note": self.note,
+            "description": self.description,
+            "plugin": self.plugin,
+            "tensors": [
+                {
+                    "key": path(t),
+                    "shape": list(t.current().shape) if t.current() is not None else None,
+                    "view": list(t.view) if t.view is not None else None,
+                    "axis": t.axis,
+                    "start": t.start,
+                    "coupled": t.coupled,
+                }
+                for t in self.tensors
+            ],
+            "counters": [f"{type(c.target).__name__}.{c.attr}" for c in self.counters],
+        }
+
+
+def _view_groups(shape: tuple[int, ...], view: tuple[int, ...]) -> list[list[int]]:
+    """Which consecutive dims of `view` make up each dim of `shape`: (L*Q, D) seen as (L, Q, D) -> [[0, 1], [2]].
+
+    A size-1 view dim belongs to the stored dim before it, so a one-token table (L, D) seen as
+    (L, 1, D) still grows along its token axis into (L*Q, D).
+    """
+    groups: list[list[int]] = []
+    j = 0
+    for size in shape:
+        group, product = [], 1
+        while j < len(view) and (not group or product != size):
+            group.append(j)
+            product *= view[j]
+            j += 1
+        while j < len(view) and view[j] == 1 and (len(groups) == len(shape) - 1 or j + 1 < len(view)):
+            group.append(j)
+            j += 1
+        if product != size:
+            break
+        groups.append(group)
+    if len(groups) != len(shape) or j != len(view):
+        raise ValueError(f"view {view} does not split the tensor's shape {shape} into consecutive groups")
+    return groups
+
+
+def module_paths(model: nn.Module) -> dict[int, str]:
+    """id(module) -> its dotted path in `model` (the prefix of its state-dict keys)."""
+    return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}

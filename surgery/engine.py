@@ -69,7 +69,7 @@ def sites(model: nn.Module, backbone: str | None = None) -> dict[str, TokenSite]
     host = get_host()
     backbone = backbone or host.identify(model)
     found: dict[str, TokenSite] = {}
-    for plugin, function in host.site_hooks():
+    for plugin, function in host.implementations("surgery_token_sites"):
         declared = function(model=model, backbone=backbone) or []
         for site in declared:
             if site.name in found:
@@ -212,8 +212,17 @@ def _apply(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: 
 
 
 def _notify(model: nn.Module, backbone: str, event: str, changes: dict) -> None:
-    if changes:
-        getattr(get_host().pm.hook, event)(model=model, backbone=backbone, changes=dict(changes))
+    """Fire a before/after-resize event; a plugin's error becomes a ResizeError naming the plugin."""
+    if not changes:
+        return
+    for plugin, function in get_host().implementations(event):
+        try:
+            function(model=model, backbone=backbone, changes=dict(changes))
+        except SurgeryError:
+            raise
+        except Exception as exc:
+            raise ResizeError(f"plugin {plugin!r} failed in {event} for {dict(changes)}: "
+                              f"{type(exc).__name__}: {exc}; the model was left as it was") from exc
 
 
 @contextlib.contextmanager
@@ -268,9 +277,11 @@ def tokens(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTO
     try:
         yield model
     finally:
-        _notify(model, backbone, "surgery_before_resize", undo)
-        edit.rollback()
-        _notify(model, backbone, "surgery_after_resize", undo)
+        try:
+            _notify(model, backbone, "surgery_before_resize", undo)
+        finally:
+            edit.rollback()  # the original tensor objects, counters and recipe come back
+            _notify(model, backbone, "surgery_after_resize", undo)
 
 
 # -- recipes -------------------------------------------------------------------------------------

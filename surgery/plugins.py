@@ -104,7 +104,8 @@ class PluginHost:
         """Register one plugin object, guarded and all-or-nothing. Returns whether it loaded."""
         module = module or getattr(plugin, "__name__", type(plugin).__name__)
         if name in self.records and self.records[name].status == "loaded":
-            self._fail(name, version, module, f"a plugin named {name!r} is already loaded "
+            # keep the loaded one's record; the refused one is listed under a distinct key
+            self._fail(f"{name} ({module})", version, module, f"a plugin named {name!r} is already loaded "
                        f"(from {self.records[name].module})", None)
             return False
         backbones: dict[str, Backbone] = {}
@@ -133,7 +134,7 @@ class PluginHost:
 
     def _check_hook_names(self, plugin: Any, name: str) -> None:
         """A `surgery_*` function that is not a hook is a typo; say so instead of ignoring it."""
-        known = set(self.pm.hook.__dict__)
+        known = {name for name in vars(hookspecs) if name.startswith("surgery_")}
         for attr in dir(plugin):
             if attr.startswith("surgery_") and callable(getattr(plugin, attr, None)) and attr not in known:
                 raise PluginError(f"plugin {name!r} defines {attr}(), which is not a hook; "
@@ -201,9 +202,13 @@ class PluginHost:
             raise BackboneError(f"no plugin can build a model named {name!r}; known models: {known}")
         return self.models[name]
 
-    def site_hooks(self) -> list[tuple[str, Callable]]:
-        """(plugin name, function) of every `surgery_token_sites` implementation, in call order."""
-        return [(impl.plugin_name, impl.function) for impl in reversed(self.pm.hook.surgery_token_sites.get_hookimpls())]
+    def implementations(self, hook: str) -> list[tuple[str, Callable]]:
+        """(plugin name, function) of every implementation of `hook`, in registration order.
+
+        The engine calls these one by one (instead of `pm.hook.<name>(...)`) so that a result or
+        an error can be attributed to the plugin that produced it.
+        """
+        return [(impl.plugin_name, impl.function) for impl in getattr(self.pm.hook, hook).get_hookimpls()]
 
 
 def _describe(exc: BaseException) -> str:

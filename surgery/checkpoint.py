@@ -1,0 +1,285 @@
+"""Checkpoints: save a model with its token counts, load one whose counts differ from the model's.
+
+    surgery.save(model, "edited.safetensors")              # weights + {"surgery": counts, recipe, ...}
+    surgery.load("edited.safetensors", fresh_model)        # replays the recipe, then loads the weights
+    surgery.load("timm_reg4.pth", reg0_model)              # the model grows to 4 registers, then loads
+    surgery.load_state_dict(model, sd, mismatch="checkpoint")  # the model keeps its counts instead
+
+Why loading is more than `model.load_state_dict`: a checkpoint of another token count does not
+fit the model's tensors. We read each site's count out of the state dict, resize the model to it
+(or, with `mismatch="checkpoint"`, resize there, load, and resize back), and only then copy the
+weights. Everything - recipe replay, resizes, the copy, clearing the stash - goes through one
+`Edit` journal, so any failure (a missing key, a shape that does not fit, a plugin's error,
+Ctrl-C half-way through the copy) leaves the model bit-exactly as it was. Keys and shapes are
+checked before any weight is copied, because torch's `load_state_dict` copies some tensors
+before it raises.
+
+Reading is safe by construction: safetensors files through safetensors, pickles only through
+`torch.load(..., weights_only=True)`; a pickle that wants to build objects or call functions is
+refused (`UnsafeCheckpointError`) and nothing in it runs. Files are never written by a load, and
+`save` writes to a temporary file in the same folder that replaces the target in one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from . import strategies
+from .edit import Edit
+from .engine import Recipe, _apply, _notify, _set_state, backbone_of, counts, model_state, sites, validate
+from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError
+from .site import module_paths
+
+FORMAT = 1  # version of the "surgery" metadata entry
+META_KEY = "surgery"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")  # training checkpoints nest the weights
+LIST_CAP = 10  # keys named in an error message before "... and N more"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    """What a load did: the model's counts now, how they changed, what the checkpoint had.
+
+    `converted` names the sites whose checkpoint tensors were fitted to the model's counts
+    (`mismatch="checkpoint"`): {site: (checkpoint count, model count)}. `missing_keys` and
+    `unexpected_keys` are those a `strict=False` load left alone.
+    """
+
+    counts: dict[str, int]
+    changes: dict[str, tuple[int, int]]
+    checkpoint_counts: dict[str, int]
+    converted: dict[str, tuple[int, int]]
+    replayed: bool
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- saving ----------------------------------------------------------------------------------------
+
+
+def surgery_metadata(model: nn.Module) -> dict[str, Any]:
+    """The "surgery" entry `save` writes: enough to rebuild the model and replay its counts."""
+    state = model_state(model)
+    recipe = Recipe(backbone=backbone_of(model), steps=state.recipe)
+    return {
+        "format": FORMAT,
+        "backbone": recipe.backbone,
+        "model": state.model_name,
+        "model_kwargs": dict(state.model_kwargs),
+        "counts": counts(model, recipe.backbone),
+        "recipe": json.loads(recipe.to_json()),
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `model`'s weights as safetensors, with its counts and recipe under the "surgery" key.
+
+    Tied tensors (one tensor under several keys) are written once by `safetensors.torch.save_model`;
+    `load` fills the other keys back in from the model's own tying. `metadata` adds string
+    entries of your own. Atomic: the file appears complete or not at all.
+    """
+    from safetensors.torch import save_model
+
+    extra = dict(metadata or {})
+    if META_KEY in extra:
+        raise CheckpointError(f"metadata key {META_KEY!r} is reserved for token-surgery's own entry")
+    bad = [k for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise CheckpointError(f"safetensors metadata must map strings to strings; not so for: {_listing(bad)}")
+    extra[META_KEY] = json.dumps(surgery_metadata(model), default=repr)
+    path = Path(path)
+    _write_atomically(path, lambda tmp: save_model(model, str(tmp), metadata=extra, force_contiguous=True))
+    return path
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temporary file next to `path`, flush it to disk, then rename it over `path`.
+
+    The temporary file is created with mode 0o666 so the umask applies as for any new file; on
+    any failure it is removed and `path` (if it existed) is untouched.
+    """
+    if path.is_dir():
+        raise CheckpointError(f"cannot save to {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save to {path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot save to {path}: {exc}") from exc
+        raise
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a checkpoint file, on the CPU; the file is only read.
+
+    `.safetensors` files are read with safetensors; their metadata comes back as a dict with the
+    "surgery" entry decoded from JSON. Pickles (`.pth`, `.pt`, `.bin`, `.ckpt`, or any file that
+    looks like one) are read only with `torch.load(weights_only=True)` and have no metadata ({}).
+    Weights nested under "state_dict", "model_state_dict" or "model" are unwrapped; key prefixes
+    such as DDP's "module." are kept as they are.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors" or (path.suffix not in TORCH_SUFFIXES and _looks_like_safetensors(head)):
+        state_dict, metadata = _read_safetensors(path)
+    elif head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch's zip format / a raw pickle
+        state_dict, metadata = _unwrap(_read_torch(path), path), {}
+    else:
+        raise CheckpointError(f"checkpoint {path} is neither safetensors nor a torch checkpoint "
+                              f"(it starts with bytes {head[:8]!r}); the file may be corrupt")
+    return _tensors_only(state_dict, f"checkpoint {path}"), metadata
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with the 8-byte length of its JSON header, then '{'."""
+    return len(head) > 8 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # SafetensorError: truncated, bad header, ...
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {exc}") from exc
+    if META_KEY in metadata:
+        try:
+            metadata[META_KEY] = json.loads(metadata[META_KEY])
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: its {META_KEY!r} metadata is not valid JSON: {exc}") from exc
+        if not isinstance(metadata[META_KEY], dict):
+            raise CheckpointError(f"checkpoint {path}: its {META_KEY!r} metadata is not a JSON object")
+    return state_dict, metadata
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's weights-only unpickler refused something
+        reason = next((line.strip() for line in str(exc).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), str(exc).splitlines()[0])
+        raise UnsafeCheckpointError(
+            f"refused checkpoint {path}: it is a pickle that is not plain tensors and containers "
+            f"(it would build objects or run code), so it was not loaded ({reason}); save "
+            f"model.state_dict() instead of the model, or convert it to safetensors") from exc
+    except Exception as exc:  # truncated zip, EOF, bad records
+        raise CheckpointError(f"checkpoint {path} cannot be read by torch.load (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping:
+    """The state dict inside a training checkpoint ({"state_dict": sd, "epoch": 3, ...})."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _tensors_only(state_dict: Mapping, where: str) -> dict[str, torch.Tensor]:
+    """A shallow copy (the caller's dict is never changed), refusing entries that are not tensors."""
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in state_dict.items()
+           if not isinstance(k, str) or not (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))]
+    if bad:
+        raise CheckpointError(f"{where} has entries that are not tensors: {_listing(bad)}")
+    return dict(state_dict)
+
+
+def _listing(items: list[str], cap: int = LIST_CAP) -> str:
+    shown = ", ".join(items[:cap])
+    return shown + (f" ... and {len(items) - cap} more" if len(items) > cap else "")
+
+
+# -- counts in a state dict ------------------------------------------------------------------------
+
+
+def state_dict_counts(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                      backbone: str | None = None) -> dict[str, int]:
+    """Each site's count in `state_dict` (a state dict of `model`'s backbone, at any counts).
+
+    A site's own `count_in_state_dict(state_dict, paths)` decides when the plugin gives one
+    (`paths` maps id(module) to its key prefix; returning None means "cannot tell"). Otherwise
+    the site's first tensor is read: present, its extent along `axis`, less whatever the model's
+    tensor holds besides this site's tokens; absent and declared with a `template`, 0. Sites that
+    cannot be told are left out (they keep the model's count).
+    """
+    paths = module_paths(model)
+    found: dict[str, int] = {}
+    for name, site in sites(model, backbone).items():
+        if site.count_in_state_dict is not None:
+            try:
+                count = site.count_in_state_dict(state_dict, paths)
+            except Exception as exc:  # noqa: BLE001 - a plugin's reader may raise anything
+                raise CheckpointError(f"site {name!r}: plugin {site.plugin!r} failed to read its count from "
+                                      f"the state dict: {type(exc).__name__}: {exc}") from exc
+        elif site.tensors:
+            count = _default_count(site, state_dict, paths)
+        else:
+            count = None
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise CheckpointError(f"site {name!r}: plugin {site.plugin!r} read a count of {count!r}, "
+                                      f"not an integer")
+            found[name] = count
+    return found
+
+
+def _default_count(site, state_dict: Mapping[str, torch.Tensor], paths: Mapping[int, str]) -> int | None:
+    t = site.tensors[0]
+    prefix = paths.get(id(t.module), "")
+    key = f"{prefix}.{t.name}" if prefix else t.name
+    if t.view is not None:
+        raise CheckpointError(f"site {site.name!r}: its tensor {key} is declared with a view, so its count "
+                              f"cannot be read from a state dict by default; plugin {site.plugin!r} should "
+                              f"give the site a count_in_state_dict(state_dict, paths)")
+    stored = state_dict.get(key)
+    if stored is None:
+        return 0 if t.template is not None else None
+    mine = t.tensor()
+    if not isinstance(stored, torch.Tensor) or stored.dim() != mine.dim():
+        return None  # the key check reports the shape
+    axis = t.axis % mine.dim()
+    count = stored.shape[axis] - (mine.shape[axis] - site.count)
+    return count if count >= 0 else None

@@ -1,0 +1,544 @@
+"""The `surgery` command line: see a model's token sites, and change them in checkpoint files.
+
+    surgery plugins [--json]                 which backbone plugins loaded (and which failed, why)
+    surgery models [--json]                  the models plugins can build by name
+    surgery inspect TARGET [--model NAME]    sites, counts, constraints, tensors of a model or checkpoint
+    surgery resize CKPT --set SITE=N -o OUT  resize a checkpoint file into a new file
+    surgery demo                             the whole idea on a tiny ViT, in seconds
+
+Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
+a malformed command line, 1 for anything token-surgery refuses), with no traceback, and no file
+written or changed. Set SURGERY_DEBUG=1 to get the traceback of a refusal anyway.
+
+torch (and timm, through the plugins) is imported only by the commands that need a model, so
+`surgery --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Iterable, Mapping, Sequence
+
+# Kept in words here so that `--help` needs no torch; `_check_strategies` validates against
+# `surgery.strategies` itself, so a name listed here that no longer exists is still refused.
+GROWTH_HELP = "restore (default: tokens a shrink dropped come back first), zeros, mean, normal, copy, interpolate"
+SHRINK_HELP = "truncate (default), pool"
+
+
+class UsageError(Exception):
+    """A malformed command line (exit 2), raised instead of argparse's print-usage-and-exit."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors become one line (`UsageError`) rather than usage text and exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- shared formatting ---------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> list[str]:
+    """Left-aligned columns; the last column is not padded (it may be long)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in [list(headers), *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [c.ljust(w) for c, w in zip(cells[:-1], widths)] + [cells[-1]]
+        return (indent + "  ".join(padded)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "absent" if shape is None else "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _counts_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{name}={n}" for name, n in counts.items()) or "no token sites"
+
+
+def _allowed(site: Mapping[str, Any]) -> str:
+    text = f"{site['min']}..{'' if site['max'] is None else site['max']}"
+    return text + (f" step {site['step']}" if site["step"] != 1 else "")
+
+
+def site_dicts(model: Any) -> list[dict[str, Any]]:
+    """Every site of `model` as `TokenSite.to_dict`, tensors named by their state-dict keys."""
+    import surgery
+    from surgery.site import module_paths
+
+    paths = module_paths(model)
+    return [site.to_dict(paths) for site in surgery.sites(model).values()]
+
+
+def format_sites(sites: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The site table every command prints: one row per site, then the tensors it owns.
+
+    For each tensor: its state-dict key, shape ("absent" while a zero-count tensor is None), the
+    token axis and the rows of that axis the site owns, and whether the rows are coupled (belong
+    to another tensor's table, like positional-embedding rows of prefix tokens).
+    """
+    if not sites:
+        return ["  (no token sites)"]
+    lines: list[str] = []
+    header = _table(["SITE", "COUNT", "ALLOWED", "PLUGIN"],
+                    [[s["name"], s["count"], _allowed(s), s["plugin"]] for s in sites], indent="  ")
+    lines.append(header[0])
+    for site, row in zip(sites, header[1:]):
+        lines.append(row)
+        if site["description"]:
+            lines.append(f"      {site['description']}")
+        if site["note"]:
+            lines.append(f"      note: {site['note']}")
+        tensor_rows = []
+        for t in site["tensors"]:
+            shape = _shape(t["shape"]) + (f" as {_shape(t['view'])}" if t["view"] else "")
+            rows = f"axis {t['axis']}, rows {t['start']}:{t['start'] + site['count']}"
+            tensor_rows.append([t["key"], shape, rows, "coupled" if t["coupled"] else "own"])
+        lines.extend(_table(["TENSOR", "SHAPE", "TOKENS", ""], tensor_rows, indent="      ")[1:])
+    return lines
+
+
+def _state_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def format_shape_changes(before: Mapping[str, tuple], after: Mapping[str, tuple]) -> list[str]:
+    """The state-dict tensors whose shape changed (or that appeared or went away)."""
+    rows = [[key, _shape(before.get(key)), "->", _shape(after.get(key))]
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    return _table(["TENSOR", "BEFORE", "", "AFTER"], rows, indent="    ")[1:] or ["    (no tensor changed shape)"]
+
+
+def _print(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(line)
+
+
+# -- argument checks -----------------------------------------------------------------------------
+
+
+def site_count(text: str) -> tuple[str, int]:
+    """argparse type of `--set SITE=N`: a site name and an integer (its range is the site's to judge)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected SITE=N (e.g. reg_tokens=4), got {text!r}")
+    try:
+        return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the count of {name!r} must be an integer, got {value!r}") from None
+
+
+def _requested(pairs: Sequence[tuple[str, int]] | None) -> dict[str, int]:
+    requested: dict[str, int] = {}
+    for name, count in pairs or ():
+        if name in requested and requested[name] != count:
+            raise UsageError(f"--set {name} given twice ({requested[name]} and {count})")
+        requested[name] = count
+    return requested
+
+
+def _check_strategies(init: str, shrink: str) -> None:
+    """Unknown strategy names are a usage error, found before any file is read."""
+    from surgery import strategies
+    from surgery.errors import StrategyError
+
+    try:
+        strategies.check_growth(init)
+        strategies.check_shrink(shrink)
+    except StrategyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _existing_file(path: str) -> str:
+    from surgery.errors import CheckpointError
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is not a file")
+    return path
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: same real path (symlinks), or same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# -- models and checkpoints ----------------------------------------------------------------------
+
+
+def open_checkpoint(path: str, model_name: str | None) -> tuple[Any, dict[str, Any], str]:
+    """Build the model a checkpoint belongs to and load the file into it.
+
+    The model is named by the file's surgery metadata, or by `--model` (which wins, for a file
+    saved without metadata such as a plain timm `.pth`). `surgery.load` resizes the fresh model
+    to the file's counts before loading, so any count the file has is fine.
+    Returns (model, the file's surgery metadata or {}, where the model name came from).
+    """
+    import surgery
+    from surgery.checkpoint import read_checkpoint
+    from surgery.errors import CheckpointError
+
+    _existing_file(path)
+    _, metadata = read_checkpoint(path)
+    metadata = metadata or {}
+    name, source = model_name, "--model"
+    if name is None:
+        name, source = metadata.get("model"), "metadata"
+    if not name:
+        known = ", ".join(sorted(surgery.get_host().models)) or "none"
+        what = (f"was saved from a {metadata['backbone']!r} model that surgery.build did not make"
+                if metadata.get("backbone") else "has no token-surgery metadata")
+        raise CheckpointError(f"{path!r} {what}, so it does not say which model to build; "
+                              f"pass --model NAME (known models: {known})")
+    kwargs = metadata.get("model_kwargs") or {} if name == metadata.get("model") else {}
+    model = surgery.build(name, **kwargs)
+    surgery.load(path, model)
+    return model, metadata, f"{name} (from {source})"
+
+
+def _looks_like_path(target: str) -> bool:
+    return os.sep in target or "/" in target or os.path.splitext(target)[1] in (
+        ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List every plugin the host tried to load, failed ones with their error."""
+    from surgery.plugins import get_host
+
+    records = list(get_host().records.values())
+    if args.json:
+        print(json.dumps([r.to_dict() for r in records], indent=2))
+        return 0
+    if not records:
+        print("no backbone plugins found (entry-point group 'surgery.backbones'; see SURGERY_PLUGINS)")
+        return 0
+    rows = [[r.name, r.version or "-", r.status, ", ".join(r.backbones) or "-", len(r.models),
+             ", ".join(h.removeprefix("surgery_") for h in r.hooks) or "-"] for r in records]
+    _print(_table(["PLUGIN", "VERSION", "STATUS", "BACKBONES", "MODELS", "HOOKS (surgery_*)"], rows))
+    for r in records:
+        if r.error:
+            print(f"{r.name}: {r.error}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models plugins can build by name (random weights, nothing downloaded)."""
+    from surgery.plugins import get_host
+
+    specs = sorted(get_host().models.values(), key=lambda s: s.name)
+    entries = [{"name": s.name, "backbone": s.backbone, "plugin": s.plugin, "description": s.description}
+               for s in specs]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif not entries:
+        print("no models registered (see `surgery plugins`)")
+    else:
+        _print(_table(["MODEL", "BACKBONE", "PLUGIN", "DESCRIPTION"], [list(e.values()) for e in entries]))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
+    import surgery
+    from surgery.errors import BackboneError, CheckpointError
+
+    target = args.target
+    info: dict[str, Any] = {"target": target}
+    if os.path.isfile(target):
+        model, metadata, source = open_checkpoint(target, args.model)
+        info.update(kind="checkpoint", model=source.split(" ")[0], metadata=metadata)
+    elif os.path.exists(target):
+        raise CheckpointError(f"{target!r} is not a file")
+    elif target in surgery.get_host().models:
+        if args.model:
+            raise UsageError("--model is for checkpoint files; TARGET already names a model")
+        model, source = surgery.build(target), f"{target} (registered model, random weights)"
+        info.update(kind="model", model=target)
+    elif _looks_like_path(target):
+        raise CheckpointError(f"checkpoint file {target!r} does not exist")
+    else:
+        known = ", ".join(sorted(surgery.get_host().models)) or "none"
+        raise BackboneError(f"{target!r} is neither a file nor a registered model; known models: {known}")
+    sites = site_dicts(model)
+    info.update(backbone=surgery.backbone_of(model), counts={s["name"]: s["count"] for s in sites},
+                sites=sites, recipe=list(surgery.recipe(model).steps))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['kind']}: {target}")
+    print(f"model:    {source}")
+    print(f"backbone: {info['backbone']}")
+    print(f"counts:   {_counts_text(info['counts'])}")
+    print("sites:")
+    _print(format_sites(sites))
+    if info["recipe"]:
+        print("recipe (replayed on load):")
+        _print(_recipe_lines(info["recipe"]))
+    return 0
+
+
+def _recipe_lines(steps: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [f"  {i}. {s['site']}: {s['from']} -> {s['to']}  (init {s['init']}, shrink {s['shrink']}, seed {s['seed']})"
+            for i, s in enumerate(steps, 1)]
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """Load CKPT, resize, write OUT. Every check that can fail without a model runs first, and
+    OUT is written to a temporary name and renamed, so a failure leaves no file half-written."""
+    import surgery
+    from surgery.errors import CheckpointError
+
+    requested = _requested(args.set)
+    _check_strategies(args.init, args.shrink)
+    src, out = args.ckpt, args.out
+    _existing_file(src)
+    if _same_file(src, out):
+        raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
+    if os.path.isdir(out):
+        raise UsageError(f"-o {out!r} is a directory; give a file name")
+    if os.path.exists(out) and not args.force:
+        raise UsageError(f"{out!r} already exists; pass --force to replace it")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"the folder of -o {out!r} does not exist: {folder}")
+
+    model, _, source = open_checkpoint(src, args.model)
+    print(f"loaded {src}: {source}, {_counts_text(surgery.counts(model))}")
+    before = _state_shapes(model)
+    changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
+    for site, (old, new) in changes.items():
+        how = f"init {args.init}" if new > old else f"shrink {args.shrink}"
+        print(f"resized {site}: {old} -> {new}  ({how}, seed {args.seed})")
+    if not changes:
+        print("no count changed (the checkpoint already has these counts)")
+    _print(format_shape_changes(before, _state_shapes(model)))
+
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=os.path.splitext(out)[1])
+    os.close(fd)
+    try:
+        surgery.save(model, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {out}: {_counts_text(surgery.counts(model))}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Resize, undo, restore, save and load on a tiny model, checking each claim as it goes.
+
+    Every "bit-exact" line is a `torch.equal` on the model's outputs; if any fails the demo says
+    MISMATCH and exits 1, so it doubles as a smoke test of a plugin.
+    """
+    import torch
+
+    import surgery
+
+    spec = surgery.get_host().model_spec(args.model)
+    if spec.example_inputs is None:
+        raise UsageError(f"model {args.model!r} registers no example inputs, which the demo needs; pick another --model")
+    model = surgery.build(args.model)
+    original = surgery.counts(model)
+    if args.set:
+        target = _requested(args.set)
+    elif "reg_tokens" in original and original["reg_tokens"] != 4:
+        target = {"reg_tokens": 4}
+    else:
+        raise UsageError(f"model {args.model!r} has sites {_counts_text(original)}; choose counts with --set SITE=N")
+    surgery.engine.validate(model, target)
+    if all(original.get(n) == c for n, c in target.items()):
+        raise UsageError(f"--set asks for the counts the model already has ({_counts_text(target)})")
+    back = {n: original[n] for n in target}
+    inputs = spec.example_inputs(model)
+    failures: list[str] = []
+
+    def run(m: torch.nn.Module) -> tuple:
+        with torch.no_grad():
+            y = spec.forward(m, *inputs) if spec.forward else m(*inputs)
+        return y if isinstance(y, tuple) else (y,)
+
+    def check(label: str, a: tuple, b: tuple) -> None:
+        same = len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+        print(f"    {label}: {'bit-exact' if same else 'MISMATCH'}")
+        if not same:
+            failures.append(label)
+
+    def step(title: str, code: str) -> None:
+        print(f"\n{title}\n  >>> {code}")
+
+    args_text = ", ".join(f"{n}={c}" for n, c in target.items())
+    back_text = ", ".join(f"{n}={c}" for n, c in back.items())
+    print(f"token-surgery demo: {args.model} ({spec.description or spec.backbone})")
+    step("1. Build the model and list its token sites", f"model = surgery.build({args.model!r}); surgery.sites(model)")
+    print(f"  backbone {surgery.backbone_of(model)}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    _print(format_sites(site_dicts(model)))
+    y0 = run(model)
+    print(f"  forward on example inputs {[tuple(x.shape) for x in inputs]} -> {[tuple(y.shape) for y in y0]}")
+
+    step("2. Resize (atomic: on any error the model is left as it was)", f"surgery.resize(model, {args_text})")
+    before = _state_shapes(model)
+    for site, (old, new) in surgery.resize(model, **target).items():
+        print(f"  {site}: {old} -> {new}")
+    print(f"  counts now {_counts_text(surgery.counts(model))}; tensors that changed shape:")
+    _print(format_shape_changes(before, _state_shapes(model)))
+    y1 = run(model)
+    if all(a.shape == b.shape for a, b in zip(y0, y1)):
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(y0, y1))
+        print(f"  output changed: max |new - original| = {diff:.3g}")
+    else:
+        print(f"  output shape changed: {[tuple(y.shape) for y in y1]}")
+
+    step("3. Run with the original counts for a while", f"with surgery.tokens(model, {back_text}): ...")
+    with surgery.tokens(model, **back):
+        print(f"  inside: {_counts_text(surgery.counts(model))}")
+        check("output equals the original model's", run(model), y0)
+    print(f"  after the block: {_counts_text(surgery.counts(model))}")
+    check("output equals the resized model's", run(model), y1)
+
+    step("4. Resize back, then forward again (dropped tokens are stashed)", f"surgery.resize(model, {back_text})")
+    surgery.resize(model, **back)
+    check("output equals the original model's", run(model), y0)
+    print(f"  >>> surgery.resize(model, {args_text})   # init='restore' brings the stashed tokens back")
+    surgery.resize(model, **target)
+    check("output equals the resized model's", run(model), y1)
+
+    step("5. Save, and load into a freshly built model", "surgery.save(model, path); surgery.load(path, fresh)")
+    with tempfile.TemporaryDirectory(prefix="surgery-demo-") as tmp:
+        folder = args.out or tmp
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{args.model}_{'_'.join(f'{n}{c}' for n, c in target.items())}.safetensors")
+        if args.out and os.path.exists(path):
+            raise UsageError(f"{path!r} already exists; remove it or choose another --out")
+        surgery.save(model, path)
+        fresh = surgery.build(args.model)
+        print(f"  fresh model: {_counts_text(surgery.counts(fresh))}")
+        surgery.load(path, fresh)
+        print(f"  after load:  {_counts_text(surgery.counts(fresh))}  ({os.path.getsize(path):,} bytes)")
+        check("loaded model's output equals the saved model's", run(fresh), y1)
+        print(f"  checkpoint kept at {path}" if args.out else "  (temporary checkpoint removed; --out DIR keeps it)")
+
+    step("6. The recipe: every change, replayable on a fresh model", "surgery.recipe(model)")
+    _print(_recipe_lines(surgery.recipe(model).steps))
+    if failures:
+        print(f"\n{len(failures)} check(s) failed: {'; '.join(failures)}")
+        return 1
+    print("\nall checks passed")
+    return 0
+
+
+# -- parser and entry point ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (no torch import: `--help` stays instant)."""
+    from surgery import __version__
+
+    parser = _Parser(prog="surgery", allow_abbrev=False,
+                     description="Change how many learned tokens (class, register, prompt tokens...) a model uses.",
+                     epilog="Run 'surgery demo' for a tour; 'surgery COMMAND --help' for each command.")
+    parser.add_argument("--version", action="version", version=f"token-surgery {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Any, help: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def set_option(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--set", action="append", type=site_count, metavar="SITE=N", required=required,
+                       help="token count of a site, e.g. reg_tokens=4 (repeat for several sites)")
+
+    json_flag(command("plugins", cmd_plugins, "list backbone plugins (failed ones too)",
+                      "List every backbone plugin found under the 'surgery.backbones' entry points: version,\n"
+                      "status (loaded/failed), the hooks it implements, and the error of a failed one."))
+    json_flag(command("models", cmd_models, "list models plugins can build by name",
+                      "List the models plugins can build by name (random weights; nothing is downloaded)."))
+
+    p = command("inspect", cmd_inspect, "show a model's or checkpoint's token sites",
+                "Show the backbone, token sites, counts, constraints and the tensors each site owns.\n"
+                "TARGET is a registered model name (see 'surgery models') or a checkpoint file\n"
+                "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).")
+    p.add_argument("target", metavar="TARGET", help="checkpoint file or registered model name")
+    p.add_argument("--model", metavar="NAME", help="model to build for a checkpoint without surgery metadata")
+    json_flag(p)
+
+    p = command("resize", cmd_resize, "resize the token sites of a checkpoint file",
+                "Build the checkpoint's model, load CKPT (resized to its counts), set new counts and\n"
+                "save the result to OUT with surgery.save. CKPT is never written.\n\n"
+                "example: surgery resize vit.safetensors --set reg_tokens=4 --init mean -o vit_reg4.safetensors")
+    p.add_argument("ckpt", metavar="CKPT", help="input checkpoint (.safetensors or .pth)")
+    set_option(p, required=True)
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT)")
+    p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
+    p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
+    p.add_argument("--model", metavar="NAME", help="model to build for a checkpoint without surgery metadata")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    p = command("demo", cmd_demo, "resize, undo, save and load a tiny ViT, in seconds",
+                "Walk through token surgery on a small model with random weights: list its sites,\n"
+                "resize (default: reg_tokens 0 -> 4), run temporarily with the old counts, resize back\n"
+                "bit-exactly, save and load into a fresh model, and print the recipe.")
+    p.add_argument("--model", default="vit_tiny_test", metavar="NAME", help="registered model (default vit_tiny_test)")
+    set_option(p, required=False)
+    p.add_argument("--out", metavar="DIR", help="keep the demo checkpoint in DIR (default: a temporary folder)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 refused, 2 bad command line)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("choose a command: plugins, models, inspect, resize, demo (see 'surgery --help')")
+        return args.func(args)
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except UsageError as exc:
+        return _fail(exc, 2)
+    except KeyboardInterrupt:
+        print("surgery: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `surgery plugins | head`
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        from surgery.errors import SurgeryError
+
+        if isinstance(exc, (SurgeryError, OSError)):
+            return _fail(exc, 1)
+        raise
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    """One line on stderr (the message may span lines; it is joined), or the traceback on request."""
+    if os.environ.get("SURGERY_DEBUG", "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"surgery: error: {message}", file=sys.stderr)
+    return code

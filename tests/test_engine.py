@@ -1,0 +1,273 @@
+"""The engine on the toy backbone: sites, resize, tokens, recipes, atomicity.
+
+References are written here in plain torch from the definition of each site (which rows a
+token owns, what each counter must read), never taken from the engine itself.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import surgery
+from surgery.edit import Edit
+from surgery.errors import CountError, ResizeError, SiteError, StrategyError, SurgeryError
+from toy_backbone import ToyModel, assert_same, snapshot
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return ToyModel(**kw)
+
+
+def x_in(model, batch=2):
+    return torch.randn(batch, 5, model.dim, generator=torch.Generator().manual_seed(1))
+
+
+def test_sites_lists_counts_and_owned_tensors(toy_host):
+    model = make(prompts=2, query_len=3, query_layer=2, memory=0)
+    sites = surgery.sites(model)
+    assert list(sites) == ["prompts", "query_len", "query_layer", "memory"]
+    assert {n: s.count for n, s in sites.items()} == {"prompts": 2, "query_len": 3, "query_layer": 2, "memory": 0}
+    assert surgery.counts(model) == {n: s.count for n, s in sites.items()}
+    assert all(s.plugin == "toy" for s in sites.values())
+    info = sites["query_len"].to_dict(surgery.site.module_paths(model))
+    assert info["tensors"][0] == {"key": "adapter.weight", "shape": [6, 8], "view": [2, 3, 8], "axis": 1,
+                                  "start": 0, "coupled": False}
+
+
+def test_grow_prompts_keeps_old_rows_and_coupled_positions(toy_host):
+    model = make(prompts=2)
+    old_prompts, old_pos = model.prompts.detach().clone(), model.pos.detach().clone()
+    assert surgery.resize(model, prompts=4) == {"prompts": (2, 4)}
+    # reference: prompts append zero rows (the site's default), pos gets two zero rows after row 1
+    assert torch.equal(model.prompts, torch.cat([old_prompts, torch.zeros(2, 8)]))
+    expected_pos = torch.cat([old_pos[:, :2], torch.zeros(1, 2, 8), old_pos[:, 2:]], dim=1)
+    assert torch.equal(model.pos, expected_pos)
+    assert model.num_prompts == 4 and model.config["num_prompts"] == 4
+    assert model(x_in(model)).shape == (2, 8)
+
+
+def test_view_of_flat_table_resizes_token_axis(toy_host):
+    model = make(query_len=3, query_layer=2)
+    table = model.adapter.weight.detach().clone().view(2, 3, 8)
+    surgery.resize(model, query_len=5, init="copy")
+    assert model.adapter.weight.shape == (10, 8) and model.adapter.num_embeddings == 10
+    new = model.adapter.weight.view(2, 5, 8)
+    for layer in range(2):  # each layer's queries cycle within that layer
+        for q in range(5):
+            assert torch.equal(new[layer, q], table[layer, q % 3])
+    surgery.resize(model, query_len=1)
+    assert torch.equal(model.adapter.weight, table[:, :1].reshape(2, 8))
+
+
+def test_structural_site_goes_through_apply_hook(toy_host):
+    model = make(query_layer=2, layers=4)
+    surgery.resize(model, query_layer=3)
+    assert model.adapter_layers == [1, 2, 3]
+    assert model.adapter.weight.shape == (9, 8)
+    assert model(x_in(model)).shape == (2, 8)
+
+
+def test_absent_tensor_is_created_and_removed(toy_host):
+    model = make(memory=0)
+    surgery.resize(model, memory=4, init="zeros")
+    assert isinstance(model.memory, torch.nn.Parameter) and model.memory.shape == (1, 4, 8)
+    assert "memory" in dict(model.named_parameters())
+    surgery.resize(model, memory=0)
+    assert model.memory is None and "memory" not in model.state_dict()
+
+
+def test_parameter_identity_kept_and_grad_dropped(toy_host):
+    model = make()
+    param = model.prompts
+    model(x_in(model)).sum().backward()
+    assert param.grad is not None
+    surgery.resize(model, prompts=5)
+    assert model.prompts is param and param.shape == (5, 8) and param.grad is None
+
+
+def test_tensors_the_site_does_not_own_are_untouched(toy_host):
+    model = make()
+    others = {k: (p, p.data_ptr()) for k, p in model.named_parameters() if k not in ("prompts", "pos")}
+    surgery.resize(model, prompts=6)
+    for key, (param, ptr) in others.items():
+        assert dict(model.named_parameters())[key] is param and param.data_ptr() == ptr
+
+
+def test_shrink_then_grow_back_with_defaults_is_bit_exact(toy_host):
+    model = make(prompts=4, query_len=4)
+    before, y0 = snapshot(model), model(x_in(model))
+    surgery.resize(model, prompts=1, query_len=2)
+    surgery.resize(model, prompts=4, query_len=4)
+    after = snapshot(model)
+    assert_same(before, after)
+    assert torch.equal(model(x_in(model)), y0)
+
+
+def test_restore_then_default_for_rows_beyond_stash(toy_host):
+    model = make(prompts=3)
+    original = model.prompts.detach().clone()
+    surgery.resize(model, prompts=2)
+    surgery.resize(model, prompts=5)
+    assert torch.equal(model.prompts[:3], original)
+    assert torch.equal(model.prompts[3:], torch.zeros(2, 8))  # the site's default (zeros)
+
+
+def test_pool_then_interpolate(toy_host):
+    model = make(prompts=4)
+    p = model.prompts.detach().clone()
+    surgery.resize(model, prompts=2, shrink="pool")
+    torch.testing.assert_close(model.prompts, torch.stack([(p[0] + p[1]) / 2, (p[2] + p[3]) / 2]))
+    surgery.resize(model, prompts=3, init="interpolate")
+    q = torch.stack([(p[0] + p[1]) / 2, (p[2] + p[3]) / 2])
+    torch.testing.assert_close(model.prompts, torch.stack([q[0], (q[0] + q[1]) / 2, q[1]]))
+
+
+def test_tokens_restores_bit_exactly_also_on_exception(toy_host):
+    model = make(prompts=2, memory=2)
+    before, y0 = snapshot(model), model(x_in(model))
+    with surgery.tokens(model, prompts=7, memory=0, query_len=1, query_layer=4, init="normal"):
+        assert surgery.counts(model) == {"prompts": 7, "query_len": 1, "query_layer": 4, "memory": 0}
+        assert model(x_in(model)).shape == (2, 8)
+    assert_same(before, snapshot(model))
+    assert torch.equal(model(x_in(model)), y0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with surgery.tokens(model, prompts=0):
+            raise RuntimeError("boom")
+    assert_same(before, snapshot(model))
+    assert surgery.recipe(model).steps == ()
+
+
+def test_events_around_resize_and_tokens(toy_host):
+    model = make(prompts=2)
+    surgery.resize(model, prompts=3)
+    assert toy_host.events == [("before", "toy", {"prompts": (2, 3)}), ("after", "toy", {"prompts": (2, 3)})]
+    toy_host.events.clear()
+    with surgery.tokens(model, prompts=1):
+        pass
+    assert toy_host.events == [("before", "toy", {"prompts": (3, 1)}), ("after", "toy", {"prompts": (3, 1)}),
+                               ("before", "toy", {"prompts": (1, 3)}), ("after", "toy", {"prompts": (1, 3)})]
+    toy_host.events.clear()
+    surgery.resize(model, prompts=3)  # no change, no event
+    assert toy_host.events == []
+
+
+@pytest.mark.parametrize("count, match", [
+    (-1, "below the minimum 0"), (17, "above the maximum 16"), (2.0, "type float"), (True, "type bool"),
+    ("3", "type str"),
+])
+def test_bad_counts_name_site_and_allowed(toy_host, count, match):
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(CountError, match=match) as err:
+        surgery.resize(model, prompts=count)
+    assert "'prompts'" in str(err.value) and "allowed: an integer, at least 0, at most 16" in str(err.value)
+    assert_same(before, snapshot(model))
+
+
+def test_step_and_zero_constraints(toy_host):
+    model = make()
+    with pytest.raises(CountError, match="steps of 2"):
+        surgery.resize(model, memory=3)
+    with pytest.raises(CountError, match="below the minimum 1"):
+        surgery.resize(model, query_len=0)
+
+
+def test_unknown_site_and_strategy(toy_host):
+    model = make()
+    with pytest.raises(SiteError, match="its sites: prompts, query_len, query_layer, memory"):
+        surgery.resize(model, nope=1)
+    with pytest.raises(StrategyError, match="allowed"):
+        surgery.resize(model, prompts=3, init="bogus")
+    with pytest.raises(StrategyError, match="allowed"):
+        surgery.resize(model, prompts=1, shrink="mean")
+
+
+def test_strategy_error_mid_way_rolls_back_earlier_sites(toy_host):
+    model = make(prompts=2, memory=0)
+    before = snapshot(model)
+    # prompts grows fine, memory has no tokens for 'mean' to work from: the whole call fails
+    with pytest.raises(StrategyError, match="site 'memory'.*mean"):
+        surgery.resize(model, prompts=5, memory=2, init="mean")
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 5])
+def test_injected_failure_at_any_step_leaves_model_as_it_was(toy_host, fail_at):
+    model = make(prompts=2, query_len=3, memory=2)
+    before = snapshot(model)
+    real = Edit.set_tensor
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return real(self, *args, **kwargs)
+
+    with mock.patch.object(Edit, "set_tensor", flaky):
+        with pytest.raises(ResizeError) as err:
+            surgery.resize(model, prompts=4, query_len=5, query_layer=3, memory=4)
+    text = str(err.value)
+    assert "OutOfMemoryError" in text and "failed at tensor" in text and "left as it was" in text
+    assert calls["n"] == fail_at  # nothing ran after the failure
+    assert_same(before, snapshot(model))
+
+
+def test_resize_error_names_site_tensor_and_request(toy_host):
+    model = make(prompts=2)
+    with mock.patch.object(Edit, "set_tensor", side_effect=RuntimeError("disk on fire")):
+        with pytest.raises(ResizeError, match=r"site 'prompts' from 2 to 4 failed at tensor prompts .*disk on fire"):
+            surgery.resize(model, prompts=4)
+
+
+def test_plugin_error_in_event_rolls_back(toy_host):
+    model = make(prompts=2)
+    before = snapshot(model)
+
+    class Broken:
+        @surgery.hookimpl
+        def surgery_after_resize(self, model, backbone, changes):
+            raise ValueError("cache rebuild failed")
+
+    assert surgery.get_host().add_plugin(Broken(), "broken_events")
+    with pytest.raises(ResizeError, match="plugin 'broken_events' failed in surgery_after_resize"):
+        surgery.resize(model, prompts=5)
+    assert_same(before, snapshot(model))
+
+
+def test_recipe_replays_bit_exactly_on_fresh_model(toy_host):
+    model = make(prompts=2, query_len=3)
+    surgery.resize(model, prompts=5, init="normal", seed=3)
+    surgery.resize(model, query_len=6, init="interpolate")
+    surgery.resize(model, prompts=1)
+    surgery.resize(model, prompts=3, init="mean")
+    recipe = surgery.recipe(model)
+    assert [s["site"] for s in recipe.steps] == ["prompts", "query_len", "prompts", "prompts"]
+    assert recipe.counts == {"prompts": 3, "query_len": 6} and recipe.initial == {"prompts": 2, "query_len": 3}
+    fresh = make(prompts=2, query_len=3)
+    surgery.Recipe.from_json(recipe.to_json()).replay(fresh)
+    assert_same(snapshot(model), snapshot(fresh), same_objects=False)
+    assert torch.equal(model(x_in(model)), fresh(x_in(fresh)))
+
+
+def test_recipe_refuses_model_with_other_start(toy_host):
+    model = make(prompts=2)
+    surgery.resize(model, prompts=4)
+    other = make(prompts=3)
+    before = snapshot(other)
+    with pytest.raises(CountError, match="replay it on a freshly built model"):
+        surgery.recipe(model).replay(other)
+    assert_same(before, snapshot(other))
+
+
+def test_bf16_model_keeps_dtype(toy_host):
+    model = make().to(torch.bfloat16)
+    surgery.resize(model, prompts=5, query_len=4, init="normal")
+    assert model.prompts.dtype == torch.bfloat16 and model.adapter.weight.dtype == torch.bfloat16
+
+
+def test_errors_share_one_hierarchy():
+    for name in surgery.errors.__all__:
+        assert issubclass(getattr(surgery.errors, name), SurgeryError)

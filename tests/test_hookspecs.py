@@ -1,0 +1,192 @@
+"""One test per hook, and a test that fails when a hook is added without one."""
+
+import inspect
+import sys
+
+import pytest
+import torch
+
+import surgery
+from surgery import hookspecs
+from surgery.errors import PluginConflictError, PluginError
+from surgery.plugins import PluginHost
+from toy_backbone import ToyModel, ToyPlugin
+
+HOOKS = sorted(name for name, fn in vars(hookspecs).items()
+               if name.startswith("surgery_") and callable(fn) and hasattr(fn, "surgery_spec"))
+
+
+def test_every_hook_has_a_test():
+    assert HOOKS, "no hookspecs found"
+    here = sys.modules[__name__]
+    missing = [name for name in HOOKS if not callable(getattr(here, f"test_hook_{name}", None))]
+    assert not missing, f"hooks without a test_hook_<name> test in {__file__}: {missing}"
+
+
+def test_hookspecs_are_documented():
+    for name in HOOKS:
+        assert inspect.getdoc(getattr(hookspecs, name)), name
+
+
+def test_hook_surgery_register_backbones(fresh_host):
+    assert fresh_host.add_plugin(ToyPlugin(), "toy")
+    assert fresh_host.backbones["toy"].plugin == "toy"
+    assert fresh_host.identify(ToyModel()) == "toy"
+
+    class Again:
+        @surgery.hookimpl
+        def surgery_register_backbones(self, register):
+            register("toy", lambda m: False)
+
+    assert not fresh_host.add_plugin(Again(), "again")
+    error = fresh_host.records["again"].error
+    assert "backbone 'toy' is registered by both plugin 'toy' and plugin 'again'" in error
+
+
+def test_hook_surgery_register_models(fresh_host):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+    spec = fresh_host.model_spec("toy_tiny")
+    assert spec.backbone == "toy" and spec.plugin == "toy"
+    model = surgery.build("toy_tiny", prompts=3)
+    assert isinstance(model, ToyModel) and surgery.counts(model)["prompts"] == 3
+    assert spec.example_inputs(model)[0].shape == (2, 5, 8)
+
+    class UnknownBackbone:
+        @surgery.hookimpl
+        def surgery_register_models(self, register):
+            register("x", ToyModel, "no_such_backbone")
+
+    assert not fresh_host.add_plugin(UnknownBackbone(), "bad_models")
+    assert "names backbone 'no_such_backbone'" in fresh_host.records["bad_models"].error
+
+
+def test_hook_surgery_token_sites(fresh_host):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+
+    class ExtraSite:
+        """A third-party plugin adding a site to another plugin's backbone."""
+
+        @surgery.hookimpl
+        def surgery_token_sites(self, model, backbone):
+            if backbone != "toy":
+                return None
+            return [surgery.TokenSite("extra_prompts", model.num_prompts,
+                                      tensors=[surgery.TokenTensor(model, "prompts", axis=0)])]
+
+    fresh_host.add_plugin(ExtraSite(), "extra")
+    sites = surgery.sites(ToyModel())
+    assert sites["extra_prompts"].plugin == "extra" and sites["prompts"].plugin == "toy"
+
+    class Clash:
+        @surgery.hookimpl
+        def surgery_token_sites(self, model, backbone):
+            return [surgery.TokenSite("prompts", 0)]
+
+    fresh_host.add_plugin(Clash(), "clash")
+    with pytest.raises(PluginConflictError, match="'prompts'.*both plugin 'toy' and plugin 'clash'"):
+        surgery.sites(ToyModel())
+
+
+def test_hook_surgery_apply_count(fresh_host):
+    plugin = ToyPlugin()
+    fresh_host.add_plugin(plugin, "toy")
+    model = ToyModel(layers=4, query_layer=1)
+    surgery.resize(model, query_layer=2)
+    assert model.adapter_layers == [2, 3]  # set only by the toy plugin's apply_count hook
+    # sites without a custom apply are applied by the engine from the declaration alone
+    surgery.resize(model, prompts=4)
+    assert model.prompts.shape == (4, 8)
+
+
+def test_hook_surgery_before_resize(fresh_host):
+    plugin = ToyPlugin()
+    fresh_host.add_plugin(plugin, "toy")
+    model = ToyModel(prompts=2)
+    seen = []
+
+    class Observer:
+        @surgery.hookimpl
+        def surgery_before_resize(self, model, backbone, changes):
+            seen.append((surgery.counts(model)["prompts"], changes))  # counts not yet changed
+
+    fresh_host.add_plugin(Observer(), "observer")
+    surgery.resize(model, prompts=3)
+    assert seen == [(2, {"prompts": (2, 3)})]
+
+
+def test_hook_surgery_after_resize(fresh_host):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+    model = ToyModel(prompts=2)
+
+    class Cache:
+        """A plugin caching something derived from a count, dropped on every change."""
+
+        def __init__(self):
+            self.value = None
+
+        def get(self, model):
+            if self.value is None:
+                self.value = model.prompts.sum().item()
+            return self.value
+
+        @surgery.hookimpl
+        def surgery_after_resize(self, model, backbone, changes):
+            self.value = None
+
+    cache = Cache()
+    fresh_host.add_plugin(cache, "cache")
+    first = cache.get(model)
+    surgery.resize(model, prompts=4, init="normal")
+    assert cache.value is None and cache.get(model) == model.prompts.sum().item() != first
+    with surgery.tokens(model, prompts=1):
+        assert cache.get(model) == model.prompts.sum().item()
+    assert cache.value is None  # dropped again after the restore
+
+
+def test_typo_in_hook_name_fails_the_plugin(fresh_host):
+    class Typo:
+        @surgery.hookimpl
+        def surgery_token_site(self, model, backbone):  # missing "s"
+            return []
+
+    assert not fresh_host.add_plugin(Typo(), "typo")
+    assert "surgery_token_site" in fresh_host.records["typo"].error
+
+
+def test_wrong_hook_signature_fails_the_plugin(fresh_host):
+    class Wrong:
+        @surgery.hookimpl
+        def surgery_token_sites(self, model, backbone, extra):
+            return []
+
+    assert not fresh_host.add_plugin(Wrong(), "wrong")
+    assert "extra" in fresh_host.records["wrong"].error
+
+
+def test_strict_mode_raises(monkeypatch):
+    monkeypatch.setenv("SURGERY_STRICT_PLUGINS", "1")
+    host = PluginHost()
+
+    class Broken:
+        @surgery.hookimpl
+        def surgery_register_backbones(self, register):
+            raise RuntimeError("no")
+
+    with pytest.raises(PluginError, match="plugin 'broken'.*RuntimeError: no"):
+        host.add_plugin(Broken(), "broken")
+
+
+def test_identify_with_none_or_several_matches(fresh_host):
+    with pytest.raises(surgery.errors.BackboneError, match="no plugin recognises a model of type Linear"):
+        surgery.sites(torch.nn.Linear(2, 2))
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+
+    class Greedy:
+        @surgery.hookimpl
+        def surgery_register_backbones(self, register):
+            register("anything", lambda m: True)
+
+    fresh_host.add_plugin(Greedy(), "greedy")
+    with pytest.raises(PluginConflictError, match="'toy' \\(plugin 'toy'\\).*'anything' \\(plugin 'greedy'\\)"):
+        surgery.sites(ToyModel())
+    assert "prompts" in surgery.sites(ToyModel(), backbone="toy")

@@ -1,0 +1,119 @@
+"""Growth and shrink strategies against plain-torch references written here."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from surgery import strategies
+from surgery.errors import StrategyError
+
+
+def block(n, rest=(3, 4), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *rest, generator=g).to(dtype)
+
+
+def gen():
+    return torch.Generator().manual_seed(1)
+
+
+def test_zeros_appends_zero_tokens():
+    b = block(2)
+    out = strategies.grow_zeros(b, 5, gen())
+    assert torch.equal(out[:2], b)
+    assert torch.equal(out[2:], torch.zeros(3, 3, 4))
+
+
+def test_mean_appends_per_feature_mean():
+    b = block(3)
+    out = strategies.grow_mean(b, 5, gen())
+    expected = (b[0] + b[1] + b[2]) / 3
+    assert torch.equal(out[:3], b)
+    for i in (3, 4):
+        torch.testing.assert_close(out[i], expected)
+
+
+def test_copy_cycles_existing_tokens():
+    b = block(2)
+    out = strategies.grow_copy(b, 7, gen())
+    for i in range(7):
+        assert torch.equal(out[i], b[i % 2])
+
+
+def test_normal_matches_statistics_and_is_seeded():
+    b = block(64, rest=(16,)) * 3.0 + 5.0
+    out = strategies.grow_normal(b, 64 + 4096, torch.Generator().manual_seed(7))
+    again = strategies.grow_normal(b, 64 + 4096, torch.Generator().manual_seed(7))
+    assert torch.equal(out, again)
+    new = out[64:]
+    assert torch.equal(out[:64], b)
+    # per-feature mean of the new tokens near the old per-feature mean; spread near the old spread
+    torch.testing.assert_close(new.mean(0), b.mean(0), atol=0.4, rtol=0)
+    old_spread = (b - b.mean(0)).square().mean().sqrt()
+    assert abs(float((new - new.mean(0)).square().mean().sqrt()) - float(old_spread)) < 0.2 * float(old_spread)
+
+
+def test_normal_from_no_tokens_uses_timm_scale():
+    out = strategies.grow_normal(block(0), 1000, gen())
+    assert out.shape == (1000, 3, 4)
+    assert float(out.std()) < 1e-5 and float(out.std()) > 1e-7
+
+
+def test_normal_with_one_token_has_nonzero_spread():
+    b = block(1)
+    out = strategies.grow_normal(b, 3, gen())
+    assert not torch.equal(out[1], b[0])
+
+
+def test_interpolate_matches_linear_resampling():
+    b = block(3, rest=(2,))
+    out = strategies.grow_interpolate(b, 5, gen())
+    # align_corners linear: positions 0, .5, 1, 1.5, 2 on the old grid
+    expected = torch.stack([b[0], (b[0] + b[1]) / 2, b[1], (b[1] + b[2]) / 2, b[2]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_truncate_keeps_prefix_and_pool_averages():
+    b = block(4, rest=(2,))
+    assert torch.equal(strategies.shrink_truncate(b, 2), b[:2])
+    pooled = strategies.shrink_pool(b, 2)
+    torch.testing.assert_close(pooled, torch.stack([(b[0] + b[1]) / 2, (b[2] + b[3]) / 2]))
+    assert strategies.shrink_pool(b, 0).shape == (0, 2)
+
+
+@pytest.mark.parametrize("name", ["mean", "copy", "interpolate"])
+def test_strategies_needing_tokens_refuse_empty_block(name):
+    with pytest.raises(StrategyError, match="zeros"):
+        strategies.GROWTH[name](block(0), 2, gen())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(strategies.GROWTH))
+def test_growth_keeps_dtype_and_existing_tokens(name, dtype):
+    b = block(3, dtype=dtype)
+    out = strategies.GROWTH[name](b, 6, gen())
+    assert out.dtype == dtype and out.shape == (6, 3, 4)
+    if name != "interpolate":
+        assert torch.equal(out[:3], b)
+    else:  # ends are kept exactly
+        assert torch.equal(out[0], b[0]) and torch.equal(out[-1], b[-1])
+
+
+def test_unknown_strategy_names_allowed_ones():
+    with pytest.raises(StrategyError, match="allowed: restore, zeros, mean, normal, copy, interpolate"):
+        strategies.check_growth("bogus")
+    with pytest.raises(StrategyError, match="allowed: truncate, pool"):
+        strategies.check_shrink("mean")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), m=st.integers(0, 12), seed=st.integers(0, 2**16))
+def test_every_strategy_gives_requested_count(n, m, seed):
+    b = block(n, rest=(2,), seed=seed)
+    if m >= n:
+        for fn in strategies.GROWTH.values():
+            assert fn(b, m, gen()).shape == (m, 2)
+    else:
+        for fn in strategies.SHRINK.values():
+            assert fn(b, m).shape == (m, 2)

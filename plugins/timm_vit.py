@@ -86,7 +86,7 @@ def class_token_site(model: nn.Module) -> TokenSite:
         tensors=[TokenTensor(model, "cls_token", axis=1, template=_template(model)), *_coupled_pos_rows(model, 0)],
         counters=[
             *_prefix_counters(model, lambda n: n + reg + extra),
-            Counter(model, "has_class_token", bool),
+            *([Counter(model, "has_class_token", bool)] if hasattr(model, "has_class_token") else []),
             *_model_args_counter(model, "class_token", bool),
         ],
         min=1 if pools_on_token else 0,

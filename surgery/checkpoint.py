@@ -41,7 +41,6 @@ from .site import module_paths
 
 FORMAT = 1  # version of the "surgery" metadata entry
 META_KEY = "surgery"
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model")  # training checkpoints nest the weights
 LIST_CAP = 10  # keys named in an error message before "... and N more"
 
@@ -127,8 +126,8 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot save to {path}: {exc}") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, SurgeryError):  # disk full, permissions, ...
+            raise CheckpointError(f"cannot save to {path}: {type(exc).__name__}: {exc}") from exc
         raise
 
 
@@ -139,8 +138,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """(state dict, metadata) of a checkpoint file, on the CPU; the file is only read.
 
     `.safetensors` files are read with safetensors; their metadata comes back as a dict with the
-    "surgery" entry decoded from JSON. Pickles (`.pth`, `.pt`, `.bin`, `.ckpt`, or any file that
-    looks like one) are read only with `torch.load(weights_only=True)` and have no metadata ({}).
+    "surgery" entry decoded from JSON. Torch checkpoints (`.pth`, `.pt`, `.bin`, `.ckpt`: the
+    format is told from the file's first bytes, not its name) are read only with
+    `torch.load(weights_only=True)` and have no metadata ({}).
     Weights nested under "state_dict", "model_state_dict" or "model" are unwrapped; key prefixes
     such as DDP's "module." are kept as they are.
     """
@@ -156,9 +156,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not head:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    if path.suffix == ".safetensors" or (path.suffix not in TORCH_SUFFIXES and _looks_like_safetensors(head)):
+    zipped = head.startswith(b"PK\x03\x04")  # torch.save's format
+    if path.suffix == ".safetensors" or (not zipped and _looks_like_safetensors(head)):
         state_dict, metadata = _read_safetensors(path)
-    elif head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch's zip format / a raw pickle
+    elif zipped or head.startswith(b"\x80"):  # a zip, or a raw pickle (PROTO opcode)
         state_dict, metadata = _unwrap(_read_torch(path), path), {}
     else:
         raise CheckpointError(f"checkpoint {path} is neither safetensors nor a torch checkpoint "
@@ -167,7 +168,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
-    """A safetensors file starts with the 8-byte length of its JSON header, then '{'."""
+    """A safetensors file starts with the 8-byte length of its JSON header, then '{'. (Checked
+    before the pickle's 0x80: a header length may well start with that byte.)"""
     return len(head) > 8 and head[8:9] == b"{"
 
 
@@ -283,3 +285,192 @@ def _default_count(site, state_dict: Mapping[str, torch.Tensor], paths: Mapping[
     axis = t.axis % mine.dim()
     count = stored.shape[axis] - (mine.shape[axis] - site.count)
     return count if count >= 0 else None
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mismatch: str = "model",
+         init: str | Mapping[str, str] = strategies.RESTORE, shrink: str | Mapping[str, str] = "truncate",
+         seed: int = 0) -> LoadResult:
+    """Load a checkpoint file into `model`, fitting token counts first. Atomic; the file is only read.
+
+    A file written by `save` whose recipe starts from the model's counts (a freshly built model)
+    has its recipe replayed, so the model's recipe stays complete for the next `save`; any other
+    count difference is resolved as `load_state_dict` does. A file of another backbone is refused.
+    """
+    state_dict, metadata = read_checkpoint(path)
+    info = metadata.get(META_KEY) or {}
+    recipe = None
+    if info:
+        if not isinstance(info.get("format"), int) or info["format"] > FORMAT:
+            raise CheckpointError(f"checkpoint {path}: {META_KEY!r} metadata format {info.get('format')!r} is not "
+                                  f"one this version reads (up to {FORMAT}); upgrade token-surgery")
+        backbone = backbone_of(model)
+        if info.get("backbone") is not None and info["backbone"] != backbone:
+            raise CheckpointError(f"checkpoint {path} is of backbone {info['backbone']!r}, the model is of "
+                                  f"backbone {backbone!r}")
+        if info.get("recipe"):
+            try:
+                recipe = Recipe.from_json(info["recipe"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint {path}: its recipe is malformed: {exc!r}") from exc
+    return _load(model, state_dict, strict=strict, mismatch=mismatch, init=init, shrink=shrink, seed=seed,
+                 recipe=recipe, where=f"checkpoint {path}")
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
+                    mismatch: str = "model", init: str | Mapping[str, str] = strategies.RESTORE,
+                    shrink: str | Mapping[str, str] = "truncate", seed: int = 0) -> LoadResult:
+    """`model.load_state_dict` for a state dict of any token counts. Atomic; `state_dict` is not changed.
+
+    mismatch="model" (default): the model is resized to the checkpoint's counts, then loaded.
+    mismatch="checkpoint": the model keeps its counts; the checkpoint's tensors are fitted to them
+    with the engine's own strategies: resize to the checkpoint's counts, load, then resize back,
+    new tokens made by `init` (default: the site's default growth) and extra ones dropped by
+    `shrink`. `strict` as in torch: missing and unexpected keys are errors; wrong shapes always are.
+    Stashed tokens (from an earlier truncate) are dropped: they belong to the weights replaced.
+    """
+    return _load(model, state_dict, strict=strict, mismatch=mismatch, init=init, shrink=shrink, seed=seed,
+                 recipe=None, where="state dict")
+
+
+def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str, init, shrink, seed: int,
+          recipe: Recipe | None, where: str) -> LoadResult:
+    if mismatch not in ("model", "checkpoint"):
+        raise CheckpointError(f"mismatch must be 'model' (resize the model to the checkpoint's counts) or "
+                              f"'checkpoint' (fit the checkpoint's tensors to the model's counts), got {mismatch!r}")
+    if isinstance(init, str):
+        strategies.check_growth(init)
+    if isinstance(shrink, str):
+        strategies.check_shrink(shrink)
+    backbone = backbone_of(model)
+    sd = _tensors_only(state_dict, where)
+    found = state_dict_counts(model, sd, backbone)
+    try:
+        validate(model, found, backbone)
+    except SurgeryError as exc:  # counts this model cannot take: often not a checkpoint of it at all
+        problems = _check_keys(model, dict(sd), strict)[0]
+        raise CheckpointError(f"{where} does not fit the model: its token counts {found} cannot be applied "
+                              f"({exc})" + "".join(f"; {p}" for p in problems)) from exc
+    journal = _Journal(model, backbone)
+    replay = (mismatch == "model" and recipe is not None and bool(recipe.steps) and recipe.backbone == backbone
+              and all(journal.start.get(n) == c for n, c in recipe.initial.items()))
+    try:
+        if replay:
+            _replay(journal, recipe, where)
+        journal.resize(found, init, shrink, seed)
+        problems, missing, unexpected = _check_keys(model, sd, strict)
+        if problems:
+            raise CheckpointError(f"{where} does not fit the model (token counts {found}): " + "; ".join(problems)
+                                  + "; the model was left as it was")
+        _copy_weights(model, sd, journal.edit)
+        _set_state(model, journal.edit, stash={})
+        if mismatch == "checkpoint":
+            journal.resize(journal.start, init, shrink, seed)
+        journal.commit()
+    except BaseException as exc:
+        journal.rollback()
+        if isinstance(exc, Exception) and not isinstance(exc, SurgeryError):  # a module's load hook, OOM, ...
+            raise CheckpointError(f"loading {where} failed: {type(exc).__name__}: {exc}; "
+                                  f"the model was left as it was") from exc
+        raise
+    converted = {n: (c, journal.start[n]) for n, c in found.items() if c != journal.start[n]}
+    return LoadResult(counts=dict(journal.now), changes=journal.net(), checkpoint_counts=found,
+                      converted=converted if mismatch == "checkpoint" else {}, replayed=replay,
+                      missing_keys=tuple(missing), unexpected_keys=tuple(unexpected))
+
+
+def _replay(journal: "_Journal", recipe: Recipe, where: str) -> None:
+    try:
+        for step in recipe.steps:
+            journal.resize({step["site"]: step["to"]}, step["init"], step["shrink"], step["seed"])
+    except (KeyError, TypeError, SurgeryError) as exc:
+        raise CheckpointError(f"{where}: its recipe cannot be replayed on this model: {exc!r}") from exc
+
+
+class _Journal:
+    """One `Edit` for a whole load, with the resize events around every change of counts.
+
+    `surgery_before_resize` fires ahead of each resize (plugins only drop caches there);
+    `surgery_after_resize` fires once, last, with the net change. A rollback is bracketed by a
+    before/after pair of its own, so a plugin's caches always follow the model's counts.
+    """
+
+    def __init__(self, model: nn.Module, backbone: str) -> None:
+        self.model, self.backbone, self.edit = model, backbone, Edit()
+        self.start = counts(model, backbone)
+        self.now = dict(self.start)
+
+    def resize(self, requested: Mapping[str, int], init, shrink, seed: int) -> None:
+        planned = {n: (self.now[n], c) for n, c in requested.items() if n in self.now and self.now[n] != c}
+        _notify(self.model, self.backbone, "surgery_before_resize", planned)
+        for name in [n for n in self.now if n in planned]:  # one site at a time: `now` is always true
+            changes = _apply(self.model, self.backbone, {name: planned[name][1]}, self.edit, init, shrink, seed)
+            self.now.update({n: new for n, (_, new) in changes.items()})
+
+    def net(self) -> dict[str, tuple[int, int]]:
+        return {n: (self.start[n], c) for n, c in self.now.items() if c != self.start[n]}
+
+    def commit(self) -> None:
+        _notify(self.model, self.backbone, "surgery_after_resize", self.net())
+
+    def rollback(self) -> None:
+        undo = {n: (new, old) for n, (old, new) in self.net().items()}
+        try:
+            _notify(self.model, self.backbone, "surgery_before_resize", undo)
+        finally:
+            self.edit.rollback()
+            self.now = dict(self.start)
+        _notify(self.model, self.backbone, "surgery_after_resize", undo)
+
+
+def _check_keys(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> tuple[list[str], list[str], list[str]]:
+    """(problems, missing, unexpected) of loading `sd` into `model` as it is now, checked before
+    anything is copied. Keys of tensors the model ties to a key `sd` has (written once by
+    safetensors' save_model) are filled into `sd` from that key."""
+    expected = model.state_dict(keep_vars=True)
+    tied: dict[tuple, list[str]] = {}
+    for key, t in expected.items():
+        if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+            ident = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            tied.setdefault(ident, []).append(key)
+    for keys in tied.values():
+        source = next((k for k in keys if k in sd), None)
+        for key in keys if source is not None else ():
+            sd.setdefault(key, sd[source])
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})" for k, v in sd.items()
+                  if isinstance(v, torch.Tensor) and isinstance(expected.get(k), torch.Tensor)
+                  and v.shape != expected[k].shape]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if all(k.startswith("module.") for k in unexpected):
+            problems.append("the keys start with 'module.' (a DataParallel/DDP checkpoint): strip that prefix")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+    return problems, missing, unexpected
+
+
+def _copy_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], edit: Edit) -> None:
+    """Copy `sd` into the model's tensors in place (as torch does), journaling a CPU copy of each
+    tensor first, so a failure part-way (even Ctrl-C) can put every value back. The price: host
+    memory for one copy of the weights, for the duration of the load."""
+    targets = model.state_dict(keep_vars=True)
+    saved: set[int] = set()
+    for key in sd:
+        t = targets.get(key)
+        if isinstance(t, torch.Tensor) and id(t) not in saved:
+            saved.add(id(t))
+            backup = t.detach().to("cpu", copy=True)
+            edit.on_undo(lambda t=t, backup=backup: _put_back(t, backup))
+    model.load_state_dict(sd, strict=False)  # keys and shapes were checked: nothing is left to refuse
+
+
+def _put_back(tensor: torch.Tensor, backup: torch.Tensor) -> None:
+    with torch.no_grad():
+        tensor.copy_(backup)

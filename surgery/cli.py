@@ -180,34 +180,34 @@ def _same_file(a: str, b: str) -> bool:
 # -- models and checkpoints ----------------------------------------------------------------------
 
 
-def open_checkpoint(path: str, model_name: str | None) -> tuple[Any, dict[str, Any], str]:
+def open_checkpoint(path: str, model_name: str | None) -> tuple[Any, dict[str, Any], str, str]:
     """Build the model a checkpoint belongs to and load the file into it.
 
-    The model is named by the file's surgery metadata, or by `--model` (which wins, for a file
-    saved without metadata such as a plain timm `.pth`). `surgery.load` resizes the fresh model
-    to the file's counts before loading, so any count the file has is fine.
-    Returns (model, the file's surgery metadata or {}, where the model name came from).
+    The model is named by the file's "surgery" metadata, or by `--model` (which wins, for a file
+    saved without it, such as a plain timm `.pth`). `surgery.load` resizes the fresh model to the
+    file's counts before loading, so any count the file has is fine.
+    Returns (model, the file's metadata: {"surgery": {...}, other string entries} or {},
+    the model's name, where that name came from).
     """
     import surgery
     from surgery.checkpoint import read_checkpoint
     from surgery.errors import CheckpointError
 
-    _existing_file(path)
-    _, metadata = read_checkpoint(path)
-    metadata = metadata or {}
+    _, metadata = read_checkpoint(path)  # refuses a missing, unsafe or corrupt file
+    entry = metadata.get("surgery") or {}
     name, source = model_name, "--model"
     if name is None:
-        name, source = metadata.get("model"), "metadata"
+        name, source = entry.get("model"), "checkpoint metadata"
     if not name:
         known = ", ".join(sorted(surgery.get_host().models)) or "none"
-        what = (f"was saved from a {metadata['backbone']!r} model that surgery.build did not make"
-                if metadata.get("backbone") else "has no token-surgery metadata")
+        what = (f"was saved from a {entry['backbone']!r} model not built by surgery.build"
+                if entry.get("backbone") else "has no token-surgery metadata")
         raise CheckpointError(f"{path!r} {what}, so it does not say which model to build; "
                               f"pass --model NAME (known models: {known})")
-    kwargs = metadata.get("model_kwargs") or {} if name == metadata.get("model") else {}
+    kwargs = (entry.get("model_kwargs") or {}) if name == entry.get("model") else {}
     model = surgery.build(name, **kwargs)
     surgery.load(path, model)
-    return model, metadata, f"{name} (from {source})"
+    return model, metadata, name, source
 
 
 def _looks_like_path(target: str) -> bool:
@@ -262,8 +262,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     target = args.target
     info: dict[str, Any] = {"target": target}
     if os.path.isfile(target):
-        model, metadata, source = open_checkpoint(target, args.model)
-        info.update(kind="checkpoint", model=source.split(" ")[0], metadata=metadata)
+        model, metadata, name, origin = open_checkpoint(target, args.model)
+        source = f"{name} (named by {origin})"
+        info.update(kind="checkpoint", model=name, metadata=metadata)
     elif os.path.exists(target):
         raise CheckpointError(f"{target!r} is not a file")
     elif target in surgery.get_host().models:
@@ -289,19 +290,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print("sites:")
     _print(format_sites(sites))
     if info["recipe"]:
-        print("recipe (replayed on load):")
+        print("recipe (how these counts were reached):")
         _print(_recipe_lines(info["recipe"]))
     return 0
 
 
 def _recipe_lines(steps: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [f"  {i}. {s['site']}: {s['from']} -> {s['to']}  (init {s['init']}, shrink {s['shrink']}, seed {s['seed']})"
-            for i, s in enumerate(steps, 1)]
+    """One line per recipe step, naming only the strategy that step used (init grows, shrink cuts)."""
+    def how(s: Mapping[str, Any]) -> str:
+        return f"init {s['init']}, seed {s['seed']}" if s["to"] > s["from"] else f"shrink {s['shrink']}"
+
+    return [f"  {i}. {s['site']}: {s['from']} -> {s['to']}  ({how(s)})" for i, s in enumerate(steps, 1)]
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    """Load CKPT, resize, write OUT. Every check that can fail without a model runs first, and
-    OUT is written to a temporary name and renamed, so a failure leaves no file half-written."""
+    """Load CKPT, resize, write OUT. Every check that needs no model runs first (so a mistyped
+    command fails at once), and `surgery.save` writes OUT atomically, so a failure leaves no
+    file half-written and an existing OUT (with --force) untouched."""
     import surgery
     from surgery.errors import CheckpointError
 
@@ -319,8 +324,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder):
         raise CheckpointError(f"the folder of -o {out!r} does not exist: {folder}")
 
-    model, _, source = open_checkpoint(src, args.model)
-    print(f"loaded {src}: {source}, {_counts_text(surgery.counts(model))}")
+    model, metadata, name, origin = open_checkpoint(src, args.model)
+    print(f"loaded {src}: {name} (named by {origin}), {_counts_text(surgery.counts(model))}")
     before = _state_shapes(model)
     changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
     for site, (old, new) in changes.items():
@@ -329,15 +334,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if not changes:
         print("no count changed (the checkpoint already has these counts)")
     _print(format_shape_changes(before, _state_shapes(model)))
-
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(out)}.", suffix=os.path.splitext(out)[1])
-    os.close(fd)
-    try:
-        surgery.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # The file's own metadata entries travel along; "surgery" is rewritten by save (new counts, recipe).
+    kept = {k: v for k, v in metadata.items() if k != "surgery" and isinstance(v, str)}
+    surgery.save(model, out, metadata=kept)  # atomic: a temporary file renamed over OUT
     print(f"wrote {out}: {_counts_text(surgery.counts(model))}")
     return 0
 
@@ -355,6 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = surgery.get_host().model_spec(args.model)
     if spec.example_inputs is None:
         raise UsageError(f"model {args.model!r} registers no example inputs, which the demo needs; pick another --model")
+    torch.manual_seed(0)  # random weights, but the same ones every run: the printed numbers repeat
     model = surgery.build(args.model)
     original = surgery.counts(model)
     if args.set:
@@ -367,6 +367,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if all(original.get(n) == c for n, c in target.items()):
         raise UsageError(f"--set asks for the counts the model already has ({_counts_text(target)})")
     back = {n: original[n] for n in target}
+    file_name = f"{args.model}_{'_'.join(f'{n}{c}' for n, c in target.items())}.safetensors"
+    if args.out and os.path.exists(os.path.join(args.out, file_name)):
+        raise UsageError(f"{os.path.join(args.out, file_name)!r} already exists; remove it or choose another --out")
     inputs = spec.example_inputs(model)
     failures: list[str] = []
 
@@ -394,9 +397,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  forward on example inputs {[tuple(x.shape) for x in inputs]} -> {[tuple(y.shape) for y in y0]}")
 
     step("2. Resize (atomic: on any error the model is left as it was)", f"surgery.resize(model, {args_text})")
-    before = _state_shapes(model)
+    before, defaults = _state_shapes(model), {n: site.default_init for n, site in surgery.sites(model).items()}
     for site, (old, new) in surgery.resize(model, **target).items():
-        print(f"  {site}: {old} -> {new}")
+        grown = f"  (new tokens: nothing stashed to restore, so the site's default init {defaults[site]!r})"
+        print(f"  {site}: {old} -> {new}" + (grown if new > old else "  (shrink: truncate, dropped tokens stashed)"))
     print(f"  counts now {_counts_text(surgery.counts(model))}; tensors that changed shape:")
     _print(format_shape_changes(before, _state_shapes(model)))
     y1 = run(model)
@@ -413,7 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  after the block: {_counts_text(surgery.counts(model))}")
     check("output equals the resized model's", run(model), y1)
 
-    step("4. Resize back, then forward again (dropped tokens are stashed)", f"surgery.resize(model, {back_text})")
+    step("4. Resize back for good, and forward again", f"surgery.resize(model, {back_text})")
     surgery.resize(model, **back)
     check("output equals the original model's", run(model), y0)
     print(f"  >>> surgery.resize(model, {args_text})   # init='restore' brings the stashed tokens back")
@@ -424,14 +428,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="surgery-demo-") as tmp:
         folder = args.out or tmp
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{args.model}_{'_'.join(f'{n}{c}' for n, c in target.items())}.safetensors")
-        if args.out and os.path.exists(path):
-            raise UsageError(f"{path!r} already exists; remove it or choose another --out")
+        path = os.path.join(folder, file_name)
         surgery.save(model, path)
         fresh = surgery.build(args.model)
         print(f"  fresh model: {_counts_text(surgery.counts(fresh))}")
-        surgery.load(path, fresh)
-        print(f"  after load:  {_counts_text(surgery.counts(fresh))}  ({os.path.getsize(path):,} bytes)")
+        replayed = surgery.load(path, fresh).replayed
+        print(f"  after load:  {_counts_text(surgery.counts(fresh))}  ({os.path.getsize(path):,} bytes; "
+              f"{'recipe replayed, then weights loaded' if replayed else 'resized to the file, then loaded'})")
         check("loaded model's output equals the saved model's", run(fresh), y1)
         print(f"  checkpoint kept at {path}" if args.out else "  (temporary checkpoint removed; --out DIR keeps it)")
 
@@ -522,8 +525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `surgery plugins | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `surgery models | head -3`: stop quietly, as other tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
     except Exception as exc:
         from surgery.errors import SurgeryError

@@ -231,6 +231,12 @@ def _transaction(model: nn.Module, backbone: str) -> Iterator[Edit]:
     edit = Edit()
     try:
         yield edit
+    except Exception as exc:
+        edit.rollback()
+        if isinstance(exc, SurgeryError):
+            raise
+        raise ResizeError(f"changing the counts of a {backbone!r} model failed: {type(exc).__name__}: {exc}; "
+                          f"the model was left as it was") from exc
     except BaseException:
         edit.rollback()
         raise

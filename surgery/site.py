@@ -106,9 +106,11 @@ class TokenSite:
     `default_init` is the growth strategy used for new tokens when the caller does not choose
     one (and for rows beyond those the `restore` strategy can bring back).
 
-    `count_in_state_dict` reads this site's count out of a state dict of the same backbone (for
-    loading checkpoints of another count); `None` uses the engine's default reading, from the
-    first tensor's key and axis.
+    `count_in_state_dict(state_dict, paths)` reads this site's count out of a state dict of the
+    same backbone (for loading checkpoints of another count); `paths` maps id(module) to the
+    module's key prefix in the state dict (`module_paths`), and returning None means "cannot tell"
+    (the site keeps the model's count). `None` instead of a function uses the default reading of
+    `surgery.checkpoint`: the first tensor's key and extent along `axis` (not for a `view`).
     """
 
     name: str
@@ -121,7 +123,7 @@ class TokenSite:
     default_init: str = "normal"
     note: str = ""
     description: str = ""
-    count_in_state_dict: Callable[[Mapping[str, torch.Tensor], dict[str, str]], int | None] | None = None
+    count_in_state_dict: Callable[[Mapping[str, torch.Tensor], Mapping[int, str]], int | None] | None = None
     plugin: str = ""  # filled in by the host: which plugin declared the site
 
     def allowed(self) -> str:

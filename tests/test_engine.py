@@ -271,3 +271,37 @@ def test_bf16_model_keeps_dtype(toy_host):
 def test_errors_share_one_hierarchy():
     for name in surgery.errors.__all__:
         assert issubclass(getattr(surgery.errors, name), SurgeryError)
+
+
+# -- properties over random sequences of changes ---------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+COUNTS = st.fixed_dictionaries({}, optional={
+    "prompts": st.integers(0, 6), "query_len": st.integers(1, 6), "query_layer": st.integers(1, 4),
+    "memory": st.sampled_from([0, 2, 4]),
+})
+INIT = st.sampled_from(["restore", "zeros", "normal"])
+
+
+def consistent(model):
+    """Every dependent agrees with the tensors (an independent statement of the toy's layout)."""
+    p = model.prompts.shape[0]
+    assert model.num_prompts == model.config["num_prompts"] == p and model.pos.shape[1] == p + 5
+    assert model.adapter.weight.shape[0] == model.adapter.num_embeddings == model.query_len * model.query_layer
+    assert model.adapter_layers == list(range(4 - model.query_layer, 4))
+    assert model(x_in(model)).shape == (2, 8)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(COUNTS, INIT), max_size=4), temporary=COUNTS)
+def test_any_sequence_stays_consistent_and_tokens_restores(toy_host, steps, temporary):
+    model = make(prompts=2, query_len=3, query_layer=2, memory=2)
+    for requested, init in steps:
+        surgery.resize(model, init=init, **requested)
+        consistent(model)
+    before = snapshot(model)
+    with surgery.tokens(model, **temporary):
+        consistent(model)
+    assert_same(before, snapshot(model))

@@ -46,7 +46,7 @@ class Edit:
         snapshot = _snapshot_slot(module, name)
         self._undo.append(lambda: _restore_slot(module, name, snapshot))
         if value is None:
-            setattr(module, name, None)
+            setattr(module, name, None)  # a registered parameter keeps its slot (and key order) as None
         elif isinstance(old, torch.Tensor) and name in module._buffers:
             module._buffers[name] = value
         else:

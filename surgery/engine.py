@@ -180,7 +180,12 @@ def _apply(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: 
     """Apply the requested counts into `edit` (no events, no rollback: the callers do those)."""
     host = get_host()
     current = validate(model, requested, backbone)
-    order = [name for name in current if name in requested]
+    # Shrinks first, in declaration order; then growths in reverse declaration order. Two sites
+    # sharing a tensor (the Q and L axes of one adapter table) then grow back in the opposite
+    # order to the one they shrank in, so each finds its stashed rows in the shape it left them.
+    asked = [name for name in current if name in requested]
+    order = ([n for n in asked if requested[n] < current[n].count]
+             + [n for n in reversed(asked) if requested[n] >= current[n].count])
     changes: dict[str, tuple[int, int]] = {}
     steps: list[dict] = []
     for name in order:

@@ -105,6 +105,15 @@ def test_shrink_then_grow_back_with_defaults_is_bit_exact(toy_host):
     assert torch.equal(model(x_in(model)), y0)
 
 
+def test_two_sites_sharing_a_table_shrink_and_grow_back_together_exactly(toy_host):
+    # query_len and query_layer are the Q and L axes of one (L*Q, D) table
+    model = make(query_len=4, query_layer=3)
+    before = snapshot(model)
+    surgery.resize(model, query_len=2, query_layer=1)
+    surgery.resize(model, query_len=4, query_layer=3)
+    assert_same(before, snapshot(model))
+
+
 def test_restore_then_default_for_rows_beyond_stash(toy_host):
     model = make(prompts=3)
     original = model.prompts.detach().clone()

@@ -14,7 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["surgery", "surgery.*"]) + ["surgery_plugins"],
+    packages=find_packages(include=["surgery", "surgery.*"])
+    + ["surgery_plugins"] + [f"surgery_plugins.{p}" for p in find_packages("plugins")],
     package_dir={"surgery_plugins": "plugins"},
     install_requires=[
         "torch>=2.4",

@@ -120,7 +120,10 @@ class SiteChange:
         before = viewed.narrow(axis, 0, t.start)
         block = viewed.narrow(axis, t.start, self.old).movedim(axis, 0)  # (old, *rest)
         after = viewed.narrow(axis, t.start + self.old, viewed.shape[axis] - t.start - self.old)
-        new_block = self._new_block(block).movedim(0, axis)
+        if t.anchor == "end":  # strategies work from the front: give them the block back to front
+            new_block = self._new_block(block.flip(0)).flip(0).movedim(0, axis)
+        else:
+            new_block = self._new_block(block).movedim(0, axis)
         new_viewed = torch.cat([before, new_block, after], dim=axis)
         stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))
         absent = self.new == 0 and t.template is not None

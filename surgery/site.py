@@ -36,6 +36,10 @@ class TokenTensor:
     `template` stands for a tensor that is absent (`None`) while the count is zero, as timm's
     `reg_token` is: a zero-token tensor of the right rank, dtype and device. When the count
     returns to zero the attribute goes back to `None`.
+
+    `anchor="end"` is for blocks whose *last* rows are the ones that matter, such as one adapter
+    row per layer for the last L layers: growth then adds rows in front, `truncate` keeps the
+    last rows, and stashed rows come back in front.
     """
 
     module: nn.Module
@@ -46,6 +50,11 @@ class TokenTensor:
     coupled: bool = False
     template: torch.Tensor | None = None
     requires_grad: bool = True
+    anchor: str = "start"  # or "end": see above
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ("start", "end"):
+            raise ValueError(f"TokenTensor {self.name}: anchor must be 'start' or 'end', got {self.anchor!r}")
 
     def current(self) -> torch.Tensor | None:
         """The tensor as stored on the module (None when absent)."""

@@ -314,3 +314,27 @@ def test_any_sequence_stays_consistent_and_tokens_restores(toy_host, steps, temp
     with surgery.tokens(model, **temporary):
         consistent(model)
     assert_same(before, snapshot(model))
+
+
+def test_end_anchored_block_grows_in_front_and_truncates_from_front(toy_host, monkeypatch):
+    """One adapter row per layer for the *last* L layers: shrinking drops the earliest layer's row."""
+    import toy_backbone
+
+    real = toy_backbone.toy_sites
+
+    def end_anchored(model):
+        found = real(model)
+        L, Q, D = model.query_layer, model.query_len, model.dim
+        found[2].tensors[0] = surgery.TokenTensor(model.adapter, "weight", axis=0, view=(L, Q, D), anchor="end")
+        return found
+
+    monkeypatch.setattr(toy_backbone, "toy_sites", end_anchored)
+    model = make(query_len=2, query_layer=3)
+    table = model.adapter.weight.detach().clone().view(3, 2, 8)
+    surgery.resize(model, query_layer=2)
+    assert torch.equal(model.adapter.weight.view(2, 2, 8), table[1:])  # the last two layers' rows kept
+    surgery.resize(model, query_layer=4)  # restore: the dropped row comes back, then the default (zeros)
+    grown = model.adapter.weight.view(4, 2, 8)
+    assert torch.equal(grown[0], torch.zeros(2, 8)) and torch.equal(grown[1:], table)
+    with pytest.raises(ValueError, match="anchor"):
+        surgery.TokenTensor(model, "prompts", axis=0, anchor="middle")

@@ -31,6 +31,7 @@ setup(
         "console_scripts": ["surgery = surgery.cli:main"],
         "surgery.backbones": [
             "timm_vit = surgery_plugins.timm_vit",
+            "llama_adapter_v2 = surgery_plugins.llama_adapter.plugin",
         ],
         "pytest11": ["surgery = surgery.testing"],
     },

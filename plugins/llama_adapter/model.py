@@ -1,0 +1,402 @@
+"""LLaMA-Adapter V2 multimodal: CLIP visual queries feeding adapters of the last LLaMA layers.
+
+    config = AdapterConfig.named("tiny")            # or "bench", "7b"
+    model = LLaMAAdapter(config, tokenizer)         # submodule names as upstream's LLaMA_adapter
+    model.generate(images, ["a prompt", ...])       # batch > 1, greedy or top-p, CPU or CUDA
+
+The data path (upstream `llama_adapter.py`):
+
+    images (B, 3, S, S) -> clip (B, 1+N, C_clip) -> clip_proj, clip_proj_norm (B, 1+N, C)
+    [visual_query.weight (Q, C) ; feats] -> visual_blocks -> first Q rows
+        -> visual_proj, visual_proj_norm -> visual_query (B, Q, D)
+    adapter_query.weight (L*Q, D) seen as (L, Q, D); layer n_layers-L+j gets
+        adapter[j] + visual_query (B, Q, D) as its adapter tokens (late fusion)
+
+`query_len` (Q) and `query_layer` (L) are plain attributes read at every forward: the surgery
+plugin changes them (with the tensors) at run time. Everything derived from them is cached only
+under a key that contains them, and `drop_caches()` forgets it all.
+
+Generation keeps upstream's semantics (left-aligned prompts, prompt positions kept, cut at EOS)
+and adds two things: the adapter keys/values are computed once per image and reused by every
+decoding step (`cache_adapter=True`; upstream recomputes them at every step, which
+`cache_adapter=False` keeps as the baseline), and the KV cache is allocated on demand in the
+activations' dtype and device instead of by `.eval()` on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from timm.models.vision_transformer import Block
+
+from . import ops
+from .clip import ClipVision, ClipVisionConfig
+from .llama import AdapterKV, KVCache, ModelArgs, Transformer, causal_mask
+from .tokenizer import sample_top_p
+
+Prompt = Union[str, Sequence[int], Tensor]
+
+
+@dataclass
+class AdapterConfig:
+    # LLaMA: Meta's params.json (7B) and what upstream's load() sets
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000  # upstream: tokenizer.n_words
+    multiple_of: int = 256
+    norm_eps: float = 1e-6
+    max_batch_size: int = 1  # recorded for compatibility; generation is not limited by it
+    max_seq_len: int = 512
+    w_bias: bool = False  # upstream turns it on whenever phase == "finetune" (all releases)
+    w_lora: bool = False
+    lora_rank: int = 16
+    w_new_gate: bool = False
+    # visual branch
+    clip: ClipVisionConfig = field(default_factory=ClipVisionConfig)  # ViT-L/14 at 224
+    v_embed_dim: int = 768
+    v_depth: int = 8
+    v_num_heads: int = 16
+    v_mlp_ratio: float = 4.0
+    query_len: int = 10
+    query_layer: int = 31
+    # "upstream": the zero gates, zero biases and zero LoRA l2 upstream starts from (a fresh
+    # adapter is a no-op); "random": small random values there too, so that every branch and
+    # every count changes the outputs (tiny test models, benchmarks)
+    init: str = "upstream"
+
+    def llama_args(self) -> ModelArgs:
+        names = {f.name for f in dataclasses.fields(ModelArgs)}
+        return ModelArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    @classmethod
+    def named(cls, size: str = "7b", **overrides: Any) -> "AdapterConfig":
+        """A config from the table below, with any field overridden."""
+        if size not in NAMED_CONFIGS:
+            raise ValueError(f"unknown config {size!r}; known: {sorted(NAMED_CONFIGS)}")
+        base = dict(NAMED_CONFIGS[size])
+        base["clip"] = ClipVisionConfig(**base["clip"])
+        return cls(**{**base, **overrides})
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # every branch on and random (gates, biases, LoRA), small enough for unit tests on a CPU
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=200, multiple_of=32, max_seq_len=64,
+                 w_bias=True, w_lora=True, lora_rank=4, w_new_gate=True,
+                 clip=dict(image_size=28, patch_size=14, width=128, layers=2, heads=2, output_dim=32),
+                 v_embed_dim=32, v_depth=2, v_num_heads=2, query_len=3, query_layer=3, init="random"),
+    # 7B's shape ratios at a size a CPU decodes in seconds (benchmarks)
+    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, w_bias=True,
+                  clip=dict(image_size=224, patch_size=32, width=512, layers=4, heads=8, output_dim=512),
+                  v_embed_dim=512, v_depth=4, v_num_heads=8, query_len=10, query_layer=15, init="random"),
+    # the released BIAS-7B architecture (LORA-BIAS-7B: w_lora=True, w_new_gate=True)
+    "7b": dict(w_bias=True, clip={}),
+}
+
+
+def _randomize_zero_inits(model: nn.Module, std: float = 0.5) -> None:
+    """Give the parameters upstream zero-initialises (and new_gate) random values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gate", "new_gate"):
+                p.uniform_(-1.0, 1.0)  # tanh(gate) well away from 0
+            elif (name.startswith("llama.") and leaf == "bias") or "_l2." in name:
+                p.normal_(0.0, std * 0.1)
+
+
+class CLIPImageTower(nn.Module):
+    """Holds the encoder at `.visual`, where upstream's `clip` keeps its image tower."""
+
+    def __init__(self, config: ClipVisionConfig):
+        super().__init__()
+        self.visual = ClipVision(config)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.visual(images)  # (B, 1+N, C_clip), every token after ln_post and proj
+
+
+class _Caches:
+    """Everything generation derives from the counts, the weights, the batch, dtype and device.
+
+    One object for the model's life (drop_caches empties it), so the model's attributes keep
+    their identity; copies and pickles of the model start with it empty.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.kv_key: Optional[tuple] = None
+        self.kv: Optional[list[KVCache]] = None
+        self.adapter_key: Optional[tuple] = None
+        self.adapter_source: Optional[Tensor] = None  # the visual_query the adapter K/V came from
+        self.adapter_kv: Optional[list[AdapterKV]] = None
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
+
+
+def _version(t: Tensor) -> tuple:
+    """What identifies a tensor's current contents: storage, and the in-place version counter."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+
+
+class LLaMAAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig, tokenizer: Any = None):
+        super().__init__()
+        config = dataclasses.replace(config)  # the model's own copy: the plugin edits its counts
+        if tokenizer is not None:
+            config.vocab_size = tokenizer.n_words  # as upstream
+        self.config = config
+        self.clip = CLIPImageTower(config.clip)
+        self.clip_proj = nn.Linear(config.clip.output_dim, config.v_embed_dim)
+        self.clip_proj_norm = nn.LayerNorm(config.v_embed_dim)
+        self.query_len = config.query_len
+        self.query_layer = config.query_layer
+        self.visual_query = nn.Embedding(config.query_len, config.v_embed_dim)
+        # timm 0.3.2's Block: nn.LayerNorm with eps 1e-5 (today's timm default is 1e-6)
+        self.visual_blocks = nn.ModuleList(
+            Block(config.v_embed_dim, config.v_num_heads, config.v_mlp_ratio, qkv_bias=True,
+                  norm_layer=nn.LayerNorm)
+            for _ in range(config.v_depth))
+        self.visual_proj = nn.Linear(config.v_embed_dim, config.dim)
+        self.visual_proj_norm = nn.LayerNorm(config.dim)
+        self.adapter_query = nn.Embedding(config.query_len * config.query_layer, config.dim)
+        self.tokenizer = tokenizer
+        self.llama = Transformer(config.llama_args())
+        self.criterion = nn.CrossEntropyLoss(ignore_index=0)
+        self._caches = _Caches()
+        if config.init == "random":
+            _randomize_zero_inits(self)
+        elif config.init != "upstream":
+            raise ValueError(f"AdapterConfig.init must be 'upstream' or 'random', got {config.init!r}")
+
+    # -- counts ----------------------------------------------------------------------------------
+
+    def _n_plain(self) -> int:
+        """Layers before the adapted ones: the last query_layer layers get adapters."""
+        L, n = self.query_layer, len(self.llama.layers)
+        if not 0 <= L <= n:
+            raise ValueError(f"query_layer={L} but the model has {n} layers")
+        return n - L
+
+    def drop_caches(self) -> None:
+        """Forget the adapter K/V and KV-cache buffers (sized for the old counts)."""
+        self._caches.clear()
+
+    # -- visual branch ---------------------------------------------------------------------------
+
+    def forward_visual(self, imgs: Tensor) -> Tensor:
+        """images (B, 3, S, S) -> visual queries (B, query_len, dim), in the visual modules' dtype."""
+        Q = self.query_len
+        if self.visual_query.weight.shape[0] != Q:
+            raise ValueError(f"visual_query has {self.visual_query.weight.shape[0]} rows but query_len={Q}")
+        feats = self.clip(imgs.to(self.clip_proj.weight.device))  # (B, 1+N, C_clip)
+        # upstream: .float() under autocast; here: the dtype the projection runs in
+        feats = feats.to(self.clip_proj.weight.dtype)
+        feats = self.clip_proj_norm(self.clip_proj(feats))  # (B, 1+N, C)
+        x = ops.query_concat(self.visual_query.weight, feats)  # (B, Q+1+N, C)
+        for block in self.visual_blocks:
+            x = block(x)  # (B, Q+1+N, C)
+        x = x[:, :Q]  # (B, Q, C): the learned queries, now informed by the image
+        return self.visual_proj_norm(self.visual_proj(x))  # (B, Q, D)
+
+    def adapter_table(self) -> Tensor:
+        """adapter_query.weight seen as (query_layer, query_len, dim)."""
+        L, Q = self.query_layer, self.query_len
+        w = self.adapter_query.weight  # (L*Q, D)
+        if w.shape[0] != L * Q:
+            raise ValueError(f"adapter_query has {w.shape[0]} rows, not query_layer*query_len = {L}*{Q}")
+        return w.view(L, Q, w.shape[1])  # (L, Q, D)
+
+    def dynamic_adapters(self, visual_query: Tensor) -> Tensor:
+        """The adapter tokens of every adapted layer: (L, B, Q, D)."""
+        return ops.adapter_add(self.adapter_table(), visual_query)
+
+    def _adapted_attentions(self) -> list[nn.Module]:
+        return [layer.attention for layer in self.llama.layers[self._n_plain():]]
+
+    def adapter_kv(self, visual_query: Tensor) -> list[AdapterKV]:
+        """Adapter keys/values of every adapted layer, computed once for these images."""
+        adapters = self.dynamic_adapters(visual_query)  # (L, B, Q, D)
+        return [attn.adapter_kv(adapters[j]) for j, attn in enumerate(self._adapted_attentions())]
+
+    def cached_adapter_kv(self, visual_query: Tensor) -> list[AdapterKV]:
+        """`adapter_kv(visual_query)`, reused while the counts, the weights it reads, and the
+        visual_query tensor itself are the same."""
+        attns = self._adapted_attentions()
+        weights = [self.adapter_query.weight, *(w for a in attns for w in (a.wk.weight, a.wv.weight))]
+        key = (self.query_len, self.query_layer, *visual_query.shape, visual_query.dtype,
+               visual_query.device, id(visual_query), *(_version(w) for w in weights))
+        c = self._caches
+        if c.adapter_key != key or c.adapter_source is not visual_query:
+            c.adapter_key, c.adapter_source, c.adapter_kv = key, visual_query, self.adapter_kv(visual_query)
+        return c.adapter_kv
+
+    def kv_caches(self, batch: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
+        """The model's KV cache (one preallocated KVCache per layer), made on first use."""
+        key = (self.query_len, self.query_layer, batch, self.config.max_seq_len, len(self.llama.layers),
+               dtype, torch.device(device))
+        c = self._caches
+        if c.kv_key != key:
+            c.kv = None  # free the old buffers before allocating the new ones
+            c.kv = self.llama.new_kv_caches(batch, dtype, device, self.config.max_seq_len)
+            c.kv_key = key
+        return c.kv
+
+    # -- language model --------------------------------------------------------------------------
+
+    def _layers(self, h: Tensor, start_pos: int, *, adapters: Optional[Tensor] = None,
+                adapter_kv: Optional[list[AdapterKV]] = None, visual_query: Optional[Tensor] = None,
+                kv_caches: Optional[list[KVCache]] = None) -> Tensor:
+        """Run every LLaMA layer: the first n_layers-L plain, the last L with their adapter from
+        `adapter_kv`, else `adapters` (L, B, Q, D), else recomputed from `visual_query` as upstream."""
+        T = h.shape[1]
+        rope = self.llama.rope(start_pos, T, h.device)
+        mask = causal_mask(start_pos, T, h.dtype, h.device)
+        n_plain = self._n_plain()
+        upstream = None
+        if adapter_kv is None and adapters is None and self.query_layer:
+            # the baseline: upstream's per-call view of the table, tokens re-added in every layer
+            upstream = self.adapter_table().unsqueeze(1)  # (L, 1, Q, D)
+        for i, layer in enumerate(self.llama.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            j = i - n_plain
+            if j < 0:
+                h = layer(h, start_pos, rope, mask, kv_cache=cache)
+            elif adapter_kv is not None:
+                h = layer(h, start_pos, rope, mask, adapter_kv=adapter_kv[j], kv_cache=cache)
+            elif adapters is not None:
+                h = layer(h, start_pos, rope, mask, adapter=adapters[j], kv_cache=cache)
+            else:
+                adapter = upstream[j].repeat(visual_query.shape[0], 1, 1) + visual_query  # (B, Q, D)
+                h = layer(h, start_pos, rope, mask, adapter=adapter, kv_cache=cache)
+        return h  # (B, T, D)
+
+    def forward(self, tokens: Tensor, labels: Tensor, imgs: Tensor) -> tuple[Tensor, Tensor]:
+        """Training loss (next-token cross-entropy, label 0 ignored), returned twice as upstream."""
+        visual_query = self.forward_visual(imgs)  # (B, Q, D)
+        h = self.llama.tok_embeddings(tokens)  # (B, T, D)
+        h = self._layers(h, 0, adapters=self.dynamic_adapters(visual_query) if self.query_layer else None)
+        output = self.llama.output(self.llama.norm(h))  # (B, T, V)
+        output, labels = output[:, :-1, :], labels[:, 1:]  # predict token t+1 from position t
+        if labels.sum() == 0:
+            loss = output.mean() * 0  # nothing to learn from, but keep the graph
+        else:
+            loss = self.criterion(output.reshape(-1, output.shape[-1]).float(), labels.flatten())
+        return loss, loss
+
+    @torch.inference_mode()
+    def forward_inference(self, visual_query: Tensor, tokens: Tensor, start_pos: int, *,
+                          cache_adapter: bool = False, adapter_kv: Optional[list[AdapterKV]] = None,
+                          kv_caches: Optional[list[KVCache]] = None) -> Tensor:
+        """tokens (B, T) at positions [start_pos, start_pos+T) -> logits of the last one (B, V), float.
+
+        Keys/values go to `kv_caches` (the model's own by default), so calls continue one another
+        as upstream's do. The adapters come from `adapter_kv`, else from the per-image cache
+        (`cache_adapter`), else are recomputed from `visual_query` in every layer (upstream).
+        """
+        tokens = tokens.to(self.llama.tok_embeddings.weight.device)
+        h = self.llama.tok_embeddings(tokens)  # (B, T, D)
+        if kv_caches is None:
+            kv_caches = self.kv_caches(h.shape[0], h.dtype, h.device)
+        if adapter_kv is None and cache_adapter and self.query_layer:
+            adapter_kv = self.cached_adapter_kv(visual_query)
+        h = self._layers(h, start_pos, adapter_kv=adapter_kv, visual_query=visual_query, kv_caches=kv_caches)
+        h = self.llama.norm(h[:, -1, :])  # (B, D): norm is per position, only the last is needed
+        return self.llama.output(h).float()  # (B, V)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: LLaMAAdapter(config, tokenizer)")
+            return self.tokenizer.encode(prompt, bos=True, eos=False)
+        ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
+        return [int(t) for t in ids]
+
+    @torch.inference_mode()
+    def generate_tokens(self, imgs: Tensor, prompts: Sequence[Prompt], max_gen_len: int = 256,
+                        temperature: float = 0.1, top_p: float = 0.75, cache_adapter: bool = True,
+                        generator: Optional[torch.Generator] = None,
+                        eos_id: Optional[int] = None) -> list[list[int]]:
+        """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`."""
+        prompts = [self._encode(p) for p in prompts]
+        B = len(prompts)
+        if B == 0 or len(imgs) != B:
+            raise ValueError(f"{len(imgs)} images for {B} prompts: one image per prompt")
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("empty prompt: a prompt needs at least one token (BOS)")
+        if eos_id is None and self.tokenizer is not None:
+            eos_id = self.tokenizer.eos_id
+        visual_query = self.forward_visual(imgs)  # (B, Q, D)
+        device = visual_query.device
+
+        lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+        max_seq_len = self.config.max_seq_len
+        if int(lengths.max()) > max_seq_len:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds max_seq_len={max_seq_len}")
+        total_len = min(max_seq_len, max_gen_len + int(lengths.max()))
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else -1  # never embedded
+        tokens = torch.full((B, total_len), pad, dtype=torch.long, device=device)  # (B, S)
+        for k, p in enumerate(prompts):
+            tokens[k, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        # prompt positions are kept as given; the others are generated
+        input_text_mask = torch.arange(total_len, device=device)[None, :] < lengths[:, None]  # (B, S)
+
+        dtype = self.llama.tok_embeddings.weight.dtype
+        kv_caches = self.kv_caches(B, dtype, device)
+        adapter_kv = self.cached_adapter_kv(visual_query) if cache_adapter and self.query_layer else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) produced EOS
+        prev_pos = 0
+        for cur_pos in range(int(lengths.min()), total_len):
+            # the first call prefills the shortest prompt, then one position per step for all rows
+            logits = self.forward_inference(visual_query, tokens[:, prev_pos:cur_pos], prev_pos,
+                                            adapter_kv=adapter_kv, kv_caches=kv_caches)  # (B, V)
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+                next_token = sample_top_p(probs, top_p, generator)
+            else:
+                next_token = torch.argmax(logits, dim=-1)
+            next_token = next_token.reshape(-1)  # (B,)
+            generated = ~input_text_mask[:, cur_pos]
+            next_token = torch.where(generated, next_token, tokens[:, cur_pos])
+            tokens[:, cur_pos] = next_token
+            if eos_id is not None:
+                done |= generated & (next_token == eos_id)
+                if bool(done.all()):
+                    break
+            prev_pos = cur_pos
+
+        out = []
+        for p, row in zip(prompts, tokens.tolist()):
+            gen = row[len(p):len(p) + max_gen_len]
+            if eos_id is not None and eos_id in gen:
+                gen = gen[:gen.index(eos_id)]
+            out.append(gen)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, imgs: Tensor, prompts: Sequence[Prompt], max_gen_len: int = 256,
+                 temperature: float = 0.1, top_p: float = 0.75, cache_adapter: bool = True,
+                 generator: Optional[torch.Generator] = None) -> list[str]:
+        """One image per prompt (strings, or token id lists that include BOS) -> decoded answers.
+
+        Greedy when temperature == 0, else temperature + top-p sampling (`generator` makes it
+        reproducible). Stops when every sequence has produced EOS. `cache_adapter=False` is
+        upstream's per-step recomputation of the adapters (the baseline; same tokens).
+        """
+        if self.tokenizer is None:
+            raise ValueError("generate decodes with a tokenizer: LLaMAAdapter(config, tokenizer), "
+                             "or use generate_tokens")
+        ids = self.generate_tokens(imgs, prompts, max_gen_len, temperature, top_p, cache_adapter, generator)
+        return [self.tokenizer.decode(t) for t in ids]

@@ -1,0 +1,109 @@
+"""LLaMA's sentencepiece tokenizer, the Alpaca prompt template and top-p sampling.
+
+The interface is upstream's (`llama/tokenizer.py`, `llama/utils.py` of LLaMA-Adapter V2
+multimodal), so generation code written against it reads the same: `n_words`, `bos_id`,
+`eos_id`, `pad_id` as plain ints, `encode(s, bos, eos)` and `decode(ids)`. For LLaMA-1's
+`tokenizer.model` those are 32000, 1, 2 and -1 (no pad piece: upstream fills unused positions
+with -1 and never embeds them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from surgery.errors import CheckpointError
+
+
+class Tokenizer:
+    """A `sentencepiece.SentencePieceProcessor` with upstream LLaMA's interface."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        from sentencepiece import SentencePieceProcessor
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise CheckpointError(f"tokenizer file not found: {path} (LLaMA's tokenizer.model, which "
+                                  "upstream expects next to the 7B/ folder)")
+        self.sp_model = SentencePieceProcessor()
+        try:
+            # load() reports a bad file through its return value or an exception, depending on the
+            # sentencepiece version; both become one error here
+            ok = self.sp_model.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is not a sentencepiece model: {e}") from e
+        if ok is False:
+            raise CheckpointError(f"{path} is not a sentencepiece model")
+        self.model_path = path
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()  # -1 for LLaMA: no pad piece
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode takes a str, got {type(s).__name__}")
+        ids = self.sp_model.encode(s)
+        # a model trained without the control piece would silently emit -1 here: refuse instead
+        if bos:
+            ids = [self._control("bos", self.bos_id), *ids]
+        if eos:
+            ids = [*ids, self._control("eos", self.eos_id)]
+        return ids
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.sp_model.decode(list(ids))
+
+    def _control(self, name: str, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"{self.model_path} has no {name} piece ({name}_id is {value})")
+        return value
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({str(self.model_path)!r}, n_words={self.n_words}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+
+# The Alpaca template, character for character as upstream's `format_prompt`: the model was
+# fine-tuned on exactly this text, so any change (even whitespace) shifts its outputs.
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A002 (upstream's name)
+    """The Alpaca prompt. Only `None` selects the no-input form: an empty string still gets the
+    '### Input:' section, as upstream."""
+    if input is None:
+        return PROMPT_NO_INPUT.format_map({"instruction": instruction})
+    return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Nucleus sampling with upstream's rule: probs (B, V) -> token ids (B, 1).
+
+    Sorted by probability, a token is dropped when the mass of the tokens ranked above it already
+    exceeds `p` (so the top token always survives and p=0 is greedy); the survivors are
+    renormalised and one is drawn. `generator` makes the draw reproducible.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+    mass_above = torch.cumsum(probs_sort, dim=-1) - probs_sort          # (B, V), exclusive cumsum
+    probs_sort = probs_sort.masked_fill(mass_above > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    picked = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1), sorted rank
+    return torch.gather(probs_idx, -1, picked)                           # (B, 1), vocabulary id
+
+
+__all__ = ["Tokenizer", "PROMPT_INPUT", "PROMPT_NO_INPUT", "format_prompt", "sample_top_p"]

@@ -270,9 +270,9 @@ def test_adapter_kv_path_is_identical_to_recomputed_path():
             a = run_attention(attn, x, adapter=adapter)
             b = run_attention(attn, x, adapter_kv=attn.adapter_kv(adapter))
         assert torch.equal(a, b)
-    k, v = attn.adapter_kv(adapter_tokens(Q=3))
-    assert k.shape == v.shape == (2, 4, 3, 16)
-    assert attn.adapter_kv(adapter_tokens(Q=1))[0] is None  # Q == 1: no key, as upstream
+    kv = attn.adapter_kv(adapter_tokens(Q=3))
+    assert kv.k_t.shape == (2, 4, 16, 3) and kv.v.shape == (2, 4, 3, 16)
+    assert attn.adapter_kv(adapter_tokens(Q=1)).k_t is None  # Q == 1: no key, as upstream
 
 
 def test_q1_branch_is_a_gated_bias_without_new_gate():

@@ -28,7 +28,7 @@ from surgery_plugins.llama_adapter.loading import (
     save_official,
 )
 
-REFERENCE_KEYS = Path("/work/shared/reference/keys")
+REFERENCE_KEYS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "keys"  # ../shared beside the checkout
 
 
 def read(path: Path) -> dict:

@@ -40,6 +40,14 @@ class ResizeError(SurgeryError):
     """A step of a resize failed (a plugin's error, out of memory, ...); the model was rolled back."""
 
 
+class OpInputError(SurgeryError, ValueError):
+    """Bad input to a fused op (dtype or device mismatch, wrong rank or shape, empty tensor)."""
+
+
+class BackendUnavailableError(SurgeryError, RuntimeError):
+    """A kernel backend was asked for by name (argument or SURGERY_KERNEL) and cannot run here."""
+
+
 class CheckpointError(SurgeryError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -57,6 +65,8 @@ __all__ = [
     "CountError",
     "StrategyError",
     "ResizeError",
+    "OpInputError",
+    "BackendUnavailableError",
     "CheckpointError",
     "UnsafeCheckpointError",
 ]

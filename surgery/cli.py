@@ -254,6 +254,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backends(args: argparse.Namespace) -> int:
+    """Each kernel backend of the fused ops: built?, where it can run here, why not; build versions."""
+    import torch
+
+    from surgery import ops
+
+    statuses = [s.to_dict() for s in ops.backends()]
+    info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+            "selected": os.environ.get(ops.ENV) or "auto", "build": ops.build_info()}
+    if args.json:
+        print(json.dumps({"backends": statuses, **info}, indent=2, default=str))
+        return 0
+    rows = [[s["name"], "yes" if s["built"] else "no", ", ".join(s["devices"]) or "-", s["reason"] or "-"]
+            for s in statuses]
+    _print(_table(["BACKEND", "BUILT", "RUNS ON", "WHY NOT (elsewhere)"], rows))
+    print(f"selected: {info['selected']} ({ops.ENV}); torch {info['torch']}, "
+          f"CUDA device: {'yes' if info['cuda_available'] else 'no'}")
+    build = info["build"]
+    print("extension build: " + (", ".join(f"{k}={v}" for k, v in build.items()) if build else "not built"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
     import surgery
@@ -479,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(command("models", cmd_models, "list models plugins can build by name",
                       "List the models plugins can build by name (random weights; nothing is downloaded)."))
 
+    json_flag(command("backends", cmd_backends, "list the fused-kernel backends and whether they run here",
+                      "The fused ops (query_concat, adapter_add, adapter_attention) have four backends:\n"
+                      "eager, cpp, cuda, triton. Show which were built, which can run here and why not,\n"
+                      "and the torch/CUDA/compiler versions of the build. SURGERY_KERNEL forces one."))
+
     p = command("inspect", cmd_inspect, "show a model's or checkpoint's token sites",
                 "Show the backbone, token sites, counts, constraints and the tensors each site owns.\n"
                 "TARGET is a registered model name (see 'surgery models') or a checkpoint file\n"
@@ -516,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: plugins, models, inspect, resize, demo (see 'surgery --help')")
+            raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo (see 'surgery --help')")
         return args.func(args)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0

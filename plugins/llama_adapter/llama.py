@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from surgery import ops
+
 class AdapterKV(NamedTuple):
     """What one layer's adapter branch needs at every step, computed once per image.
 
@@ -237,12 +239,9 @@ class Attention(nn.Module):
             return None  # no adapter tokens left: nothing to add
         if Q == 1:
             return gate * v  # (B, H, 1, hd), broadcast over T; upstream applies no new_gate here
-        scores = torch.matmul(xq, k_t) / math.sqrt(self.head_dim)  # (B, H, T, Q)
-        # a softmax of its own over the adapter tokens, not shared with the text keys
-        scores = gate * F.softmax(scores.float(), dim=-1).type_as(xq)  # (B, H, T, Q)
-        if new_gate is not None:
-            scores = new_gate * scores
-        return torch.matmul(scores, v)  # (B, H, T, hd)
+        # a softmax of its own over the adapter tokens (not shared with the text keys), scaled by
+        # tanh(gate) (and new_gate): one fused op (surgery.ops, eager/C++/CUDA/Triton)
+        return ops.adapter_attention(xq, k_t, v, gate, new_gate)  # (B, H, T, hd)
 
     def forward(self, x: Tensor, start_pos: int, rope: tuple[Tensor, Tensor], mask: Optional[Tensor],
                 adapter: Optional[Tensor] = None, adapter_kv: Optional[AdapterKV] = None,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
-from . import ops
+from surgery import ops
 from .clip import ClipVision, ClipVisionConfig
 from .llama import AdapterKV, KVCache, ModelArgs, Transformer, causal_mask
 from .tokenizer import sample_top_p

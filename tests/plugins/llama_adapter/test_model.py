@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_plugins.llama_adapter import ops
+from surgery import ops
 from surgery_plugins.llama_adapter.model import AdapterConfig, LLaMAAdapter
 from test_llama import RefLLaMA, randomize, ref_mask
 
@@ -255,7 +255,7 @@ def test_adapter_ops_equal_upstreams_per_layer_form():
         assert torch.equal(adapters[j], table[j].repeat(2, 1, 1) + vq)
     q, feats = torch.randn(3, 8), torch.randn(2, 5, 8)
     assert torch.equal(ops.query_concat(q, feats), torch.cat([q.unsqueeze(0).repeat(2, 1, 1), feats], 1))
-    with pytest.raises(ValueError, match="query_len"):
+    with pytest.raises(ValueError, match="adapter has Q=4 tokens per layer but visual_query has Q=3"):
         ops.adapter_add(torch.randn(3, 4, 64), vq)
 
 

@@ -40,9 +40,12 @@ def _rank(op: str, name: str, t: Tensor, ranks: Sequence[int], layout: str) -> N
         raise OpInputError(f"{op}: {name} has shape {tuple(t.shape)}; expected {layout}")
 
 
-def check_out(op: str, out: Optional[Tensor], shape: tuple[int, ...], like: Tensor) -> None:
+def check_out(op: str, out: Optional[Tensor], shape: tuple[int, ...], like: Tensor, *inputs: Tensor) -> None:
     if out is None:
         return
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        raise OpInputError(f"{op}: out= cannot record gradients (as torch's own out= functions); call it "
+                           f"without out= to train through it, or under torch.no_grad()")
     if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
         raise OpInputError(f"{op}: out is {tuple(out.shape)} {out.dtype} on {out.device}; expected "
                            f"{shape} {like.dtype} on {like.device}")
@@ -60,7 +63,7 @@ def query_concat(queries: Tensor, feats: Tensor, out: Optional[Tensor] = None) -
         raise OpInputError(f"{op}: queries have C={queries.shape[1]} channels but feats have C={feats.shape[2]}; "
                            f"they must agree")
     shape = (feats.shape[0], queries.shape[0] + feats.shape[1], feats.shape[2])
-    check_out(op, out, shape, feats)
+    check_out(op, out, shape, feats, queries, feats)
     return shape
 
 
@@ -81,7 +84,7 @@ def adapter_add(adapter: Tensor, visual_query: Tensor, out: Optional[Tensor] = N
                            f"of visual_query's Q={Q}")
     L = adapter.shape[0] if adapter.dim() == 3 else adapter.shape[0] // Q
     shape = (L, B, Q, D)
-    check_out(op, out, shape, visual_query)
+    check_out(op, out, shape, visual_query, adapter, visual_query)
     return shape
 
 

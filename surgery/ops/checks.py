@@ -44,8 +44,8 @@ def check_out(op: str, out: Optional[Tensor], shape: tuple[int, ...], like: Tens
     if out is None:
         return
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        raise OpInputError(f"{op}: out= cannot record gradients (as torch's own out= functions); call it "
-                           f"without out= to train through it, or under torch.no_grad()")
+        raise OpInputError(f"{op}: out= does not support automatic differentiation (as torch's own out= "
+                           f"functions); call it without out= to train through it, or under torch.no_grad()")
     if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
         raise OpInputError(f"{op}: out is {tuple(out.shape)} {out.dtype} on {out.device}; expected "
                            f"{shape} {like.dtype} on {like.device}")

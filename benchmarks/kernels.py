@@ -77,13 +77,13 @@ def timers(op: str, args, upstream, compiled) -> tuple[dict[str, benchmark.Timer
     dst = torch.empty_like(src)
     env = dict(fn=fn, args=args, up=upstream, comp=compiled, src=src, dst=dst, out=torch.empty_like(expected))
     t = {
-        "copy": benchmark.Timer("dst.copy_(src)", globals=env),
-        "cpp": benchmark.Timer("fn(*args)", globals=env),
-        "upstream": benchmark.Timer("up(*args)", globals=env),
-        "compile": benchmark.Timer("comp(*args)", globals=env),
+        "copy": benchmark.Timer("dst.copy_(src)", globals=env, num_threads=torch.get_num_threads()),
+        "cpp": benchmark.Timer("fn(*args)", globals=env, num_threads=torch.get_num_threads()),
+        "upstream": benchmark.Timer("up(*args)", globals=env, num_threads=torch.get_num_threads()),
+        "compile": benchmark.Timer("comp(*args)", globals=env, num_threads=torch.get_num_threads()),
     }
     if op != "adapter_attention":
-        t["cpp.out"] = benchmark.Timer("fn.out(*args, out=out)", globals=env)
+        t["cpp.out"] = benchmark.Timer("fn.out(*args, out=out)", globals=env, num_threads=torch.get_num_threads())
     return t, src.numel() * src.element_size()
 
 

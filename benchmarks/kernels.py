@@ -76,14 +76,15 @@ def timers(op: str, args, upstream, compiled) -> tuple[dict[str, benchmark.Timer
         src = torch.empty_like(expected).copy_(expected)
     dst = torch.empty_like(src)
     env = dict(fn=fn, args=args, up=upstream, comp=compiled, src=src, dst=dst, out=torch.empty_like(expected))
+    threads = torch.get_num_threads()  # Timer defaults to 1 thread: time at the one asked for
     t = {
-        "copy": benchmark.Timer("dst.copy_(src)", globals=env, num_threads=torch.get_num_threads()),
-        "cpp": benchmark.Timer("fn(*args)", globals=env, num_threads=torch.get_num_threads()),
-        "upstream": benchmark.Timer("up(*args)", globals=env, num_threads=torch.get_num_threads()),
-        "compile": benchmark.Timer("comp(*args)", globals=env, num_threads=torch.get_num_threads()),
+        "copy": benchmark.Timer("dst.copy_(src)", globals=env, num_threads=threads),
+        "cpp": benchmark.Timer("fn(*args)", globals=env, num_threads=threads),
+        "upstream": benchmark.Timer("up(*args)", globals=env, num_threads=threads),
+        "compile": benchmark.Timer("comp(*args)", globals=env, num_threads=threads),
     }
     if op != "adapter_attention":
-        t["cpp.out"] = benchmark.Timer("fn.out(*args, out=out)", globals=env, num_threads=torch.get_num_threads())
+        t["cpp.out"] = benchmark.Timer("fn.out(*args, out=out)", globals=env, num_threads=threads)
     return t, src.numel() * src.element_size()
 
 

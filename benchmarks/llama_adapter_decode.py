@@ -71,10 +71,11 @@ def step_timers(model, batch: int, prompt: int, dtype: torch.dtype) -> dict[str,
         model.forward_inference(visual_query, prefix, 0, adapter_kv=adapter_kv, kv_caches=kv)  # prefill
         model.llama(prefix, 0, kv_caches=floor_kv)
     env = dict(model=model, vq=visual_query, token=token, pos=prompt, kv=kv, akv=adapter_kv, fkv=floor_kv)
+    threads = torch.get_num_threads()  # Timer defaults to 1 thread: time at the one asked for
     return {
-        "floor": benchmark.Timer("model.llama(token, pos, kv_caches=fkv)", globals=env, num_threads=torch.get_num_threads()),
-        "ours": benchmark.Timer("model.forward_inference(vq, token, pos, adapter_kv=akv, kv_caches=kv)", globals=env, num_threads=torch.get_num_threads()),
-        "upstream": benchmark.Timer("model.forward_inference(vq, token, pos, kv_caches=kv)", globals=env, num_threads=torch.get_num_threads()),
+        "floor": benchmark.Timer("model.llama(token, pos, kv_caches=fkv)", globals=env, num_threads=threads),
+        "ours": benchmark.Timer("model.forward_inference(vq, token, pos, adapter_kv=akv, kv_caches=kv)", globals=env, num_threads=threads),
+        "upstream": benchmark.Timer("model.forward_inference(vq, token, pos, kv_caches=kv)", globals=env, num_threads=threads),
     }
 
 

@@ -49,136 +49,40 @@ namespace surgery_cuda {
 using at::Tensor;
 using at::cuda::detail::IntDivider;
 
-// Argument checks: the rules and the wording of csrc/checks.h (and surgery/ops/checks.py), whose
-// helpers (dtype names, supported dtypes, overlap test, dtype dispatch) are reused. The messages
-// are put together here with std::to_string into one std::string, which TORCH_CHECK passes on
-// as it is, never through an ostream. Reason: on a lent H100 image (torch 2.11, g++ from /opt/gcc,
-// _C.so linked with no libstdc++.so.6 in its ldd, i.e. a private libstdc++ copy), formatting an
-// integer into TORCH_CHECK's ostringstream (c10::str -> ostream::_M_insert<long>) killed the
-// process with SIGSEGV, in this file and in the CPU kernels' checks alike; strings were fine.
+// Argument checks: csrc/checks.h (shared with the CPU kernels, same rules and wording as
+// surgery/ops/checks.py), plus what only the CUDA kernels need: every tensor on a CUDA device
+// (the dispatcher sent them here because one is) and 32-bit row counts in the attention kernel.
+using surgery::check_out;
+using surgery::head;
+using surgery::num;
 
-std::string num(int64_t v) { return std::to_string(v); }
-
-std::string dims(at::IntArrayRef sizes) {  // "[2, 3, 4]", as at::IntArrayRef prints
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + num(sizes[i]);
-  return s + "]";
-}
-
-std::string device_str(const Tensor& t) { return t.device().str(); }
-
-std::string dtype_of(const Tensor& t) { return surgery::dtype_name(t.scalar_type()); }
-
-std::string head(const char* op) { return std::string("surgery::") + op + ": "; }
-
-void check_rank(const char* op, const char* name, const Tensor& t, int64_t rank, const char* layout) {
-  TORCH_CHECK(t.defined(), head(op) + name + " is undefined; expected a tensor " + layout);
-  TORCH_CHECK(t.dim() == rank, head(op) + name + " has shape " + dims(t.sizes()) + " (" + num(t.dim()) +
-                                   " dimensions); expected " + layout + " (" + num(rank) + " dimensions)");
-}
-
-// One supported dtype, one device (a CUDA one), dense, nothing empty; the first is the reference.
-void check_same(const char* op, std::initializer_list<surgery::NamedTensor> named) {
-  const auto& [first_name, first] = *named.begin();
-  TORCH_CHECK(surgery::is_supported_dtype(first->scalar_type()),
-              head(op) + first_name + " is " + dtype_of(*first) + "; allowed dtypes: " + surgery::kAllowedDtypes);
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->scalar_type() == first->scalar_type(),
-                head(op) + name + " is " + dtype_of(*t) + " but " + first_name + " is " + dtype_of(*first) +
-                    "; all inputs must share one dtype (" + surgery::kAllowedDtypes + ")");
-    TORCH_CHECK(t->device() == first->device(), head(op) + name + " is on " + device_str(*t) + " but " + first_name +
-                                                     " is on " + device_str(*first) + "; all inputs must be on one device");
-    TORCH_CHECK(t->layout() == at::kStrided,
-                head(op) + name + " is not a dense (strided) tensor; only dense (strided) tensors are supported");
-  }
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK(t->numel() > 0,
-                head(op) + name + " is empty (shape " + dims(t->sizes()) + "); every dimension must be >= 1");
-  }
-  // All on one device: the dispatcher sent them here because one is a CUDA tensor, so all are.
-  TORCH_CHECK(first->is_cuda(), head(op) + first_name + " is on " + device_str(*first) +
-                                    "; the CUDA kernel needs every tensor on one CUDA device");
+void require_cuda(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), head(op) + name + " is on " + t.device().str() +
+                               "; the CUDA kernel needs every tensor on one CUDA device");
 }
 
 std::vector<int64_t> check_query_concat(const Tensor& queries, const Tensor& feats) {
-  const char* op = "query_concat";
-  check_rank(op, "queries", queries, 2, "(Q, C)");
-  check_rank(op, "feats", feats, 3, "(B, N, C)");
-  check_same(op, {{"queries", &queries}, {"feats", &feats}});
-  TORCH_CHECK(queries.size(1) == feats.size(2), head(op) + "queries have C=" + num(queries.size(1)) +
-                                                    " channels but feats have C=" + num(feats.size(2)) +
-                                                    "; they must agree");
-  return {feats.size(0), queries.size(0) + feats.size(1), feats.size(2)};
+  auto sizes = surgery::check_query_concat(queries, feats);
+  require_cuda("query_concat", "queries", queries);
+  return sizes;
 }
 
-std::vector<int64_t> check_adapter_add(const Tensor& adapter, const Tensor& vq) {
-  const char* op = "adapter_add";
-  TORCH_CHECK(adapter.defined() && (adapter.dim() == 2 || adapter.dim() == 3),
-              head(op) + "adapter has shape " + (adapter.defined() ? dims(adapter.sizes()) : "[]") + " (" +
-                  num(adapter.defined() ? adapter.dim() : 0) + " dimensions); expected (L, Q, D) or (L*Q, D)");
-  check_rank(op, "visual_query", vq, 3, "(B, Q, D)");
-  check_same(op, {{"adapter", &adapter}, {"visual_query", &vq}});
-  const int64_t B = vq.size(0), Q = vq.size(1), D = vq.size(2);
-  TORCH_CHECK(adapter.size(-1) == D, head(op) + "adapter has D=" + num(adapter.size(-1)) +
-                                         " but visual_query has D=" + num(D) + "; they must agree");
-  if (adapter.dim() == 3) {
-    TORCH_CHECK(adapter.size(1) == Q, head(op) + "adapter has Q=" + num(adapter.size(1)) +
-                                          " tokens per layer but visual_query has Q=" + num(Q) + "; they must agree");
-  } else {
-    TORCH_CHECK(adapter.size(0) % Q == 0, head(op) + "a flat adapter needs L*Q rows; " + num(adapter.size(0)) +
-                                              " rows is not a multiple of visual_query's Q=" + num(Q));
-  }
-  const int64_t L = adapter.dim() == 3 ? adapter.size(0) : adapter.size(0) / Q;
-  return {L, B, Q, D};
+std::vector<int64_t> check_adapter_add(const Tensor& adapter, const Tensor& visual_query) {
+  auto sizes = surgery::check_adapter_add(adapter, visual_query);
+  require_cuda("adapter_add", "adapter", adapter);
+  return sizes;
 }
 
 std::vector<int64_t> check_adapter_attention(const Tensor& xq, const Tensor& k_t, const Tensor& v,
                                              const Tensor& gate, const std::optional<Tensor>& new_gate) {
-  const char* op = "adapter_attention";
-  check_rank(op, "xq", xq, 4, "(B, H, T, hd)");
-  check_rank(op, "k_t", k_t, 4, "(B, H, hd, Q)");
-  check_rank(op, "v", v, 4, "(B, H, Q, hd)");
-  check_rank(op, "gate", gate, 4, "(1, H, 1, 1)");
-  const bool has_new_gate = new_gate.has_value() && new_gate->defined();
-  if (has_new_gate) {
-    check_rank(op, "new_gate", *new_gate, 4, "(1, 1, 1, 1)");
-    check_same(op, {{"xq", &xq}, {"k_t", &k_t}, {"v", &v}, {"gate", &gate}, {"new_gate", &*new_gate}});
-  } else {
-    check_same(op, {{"xq", &xq}, {"k_t", &k_t}, {"v", &v}, {"gate", &gate}});
-  }
-  const int64_t B = xq.size(0), H = xq.size(1), T = xq.size(2), hd = xq.size(3), Q = v.size(2);
-  const bool k_ok = k_t.size(0) == B && k_t.size(1) == H && k_t.size(2) == hd && k_t.size(3) == Q;
-  const bool v_ok = v.size(0) == B && v.size(1) == H && v.size(3) == hd;
-  TORCH_CHECK(k_ok && v_ok, head(op) + "with xq " + dims(xq.sizes()) +
-                                " (B, H, T, hd), k_t must be (B, H, hd, Q) and v (B, H, Q, hd) for one Q; got k_t " +
-                                dims(k_t.sizes()) + ", v " + dims(v.sizes()));
-  TORCH_CHECK(gate.size(0) == 1 && gate.size(1) == H && gate.size(2) == 1 && gate.size(3) == 1,
-              head(op) + "gate must be (1, " + num(H) + ", 1, 1), one value per head; got " + dims(gate.sizes()));
-  if (has_new_gate) {
-    TORCH_CHECK(new_gate->numel() == 1, head(op) + "new_gate must be (1, 1, 1, 1); got " + dims(new_gate->sizes()));
-  }
-  TORCH_CHECK(B * H * T <= std::numeric_limits<int32_t>::max() && hd <= std::numeric_limits<int32_t>::max() &&
-                  Q <= std::numeric_limits<int32_t>::max(),
-              head(op) + "B*H*T=" + num(B * H * T) + " rows, hd=" + num(hd) + ", Q=" + num(Q) +
+  auto sizes = surgery::check_adapter_attention(xq, k_t, v, gate, new_gate);
+  require_cuda("adapter_attention", "xq", xq);
+  const int64_t rows = sizes[0] * sizes[1] * sizes[2], hd = sizes[3], Q = v.size(2);
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(rows <= kMax && hd <= kMax && Q <= kMax,
+              head("adapter_attention") + "B*H*T=" + num(rows) + " rows, hd=" + num(hd) + ", Q=" + num(Q) +
                   ": the CUDA kernel takes at most 2^31-1 of each");
-  return {B, H, T, hd};
-}
-
-// out=: the output's shape, dtype and device, contiguous, sharing no memory with an input.
-void check_out(const char* op, const Tensor& out, at::IntArrayRef sizes, const Tensor& like,
-               std::initializer_list<surgery::NamedTensor> inputs) {
-  TORCH_CHECK(out.defined(), head(op) + "out is undefined; expected a tensor of shape " + dims(sizes));
-  TORCH_CHECK(out.sizes() == sizes && out.scalar_type() == like.scalar_type() && out.device() == like.device() &&
-                  out.layout() == at::kStrided,
-              head(op) + "out is " + dims(out.sizes()) + " " + dtype_of(out) + " on " + device_str(out) + "; expected " +
-                  dims(sizes) + " " + dtype_of(like) + " on " + device_str(like));
-  TORCH_CHECK(out.is_contiguous(), head(op) + "out must be contiguous (it is written row by row); got strides " +
-                                       dims(out.strides()));
-  for (const auto& [name, input] : inputs) {
-    TORCH_CHECK(!surgery::may_share_memory(out, *input),
-                head(op) + "out shares memory with " + name +
-                    "; the kernels read the inputs while writing out, so out must not overlap an input");
-  }
+  return sizes;
 }
 
 // ---------------------------------------------------------------------------------------------

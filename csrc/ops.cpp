@@ -7,7 +7,7 @@
 //                      new_gate (1, 1, 1, 1)?           -> (B, H, T, hd)  fp32 throughout, one rounding
 //
 // This file checks, allocates and sets up; the vector kernels of adapter_add and
-// adapter_attention are csrc/cpu/kernels_impl.h, compiled per instruction set (baseline, AVX2)
+// adapter_attention are csrc/cpu/kernels_impl.h, compiled per instruction set (baseline, AVX2, AVX-512)
 // and chosen at run time. All work is split over output rows with at::parallel_for. Inputs may be
 // non-contiguous: outer strides are followed as they are; an input whose innermost dimension is
 // strided is made contiguous first (it is at most as large as the output, which repeats it over
@@ -37,8 +37,13 @@ const Kernels& kernels() {
 #if defined(SURGERY_CPU_AVX2)
     // ATen's choice for this CPU (honours ATEN_CPU_CAPABILITY), confirmed with the CPU's own flags
     const std::string capability = at::get_cpu_capability();
-    if ((capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (capability == "AVX512" && avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bf16")) {
+      return AVX512_BF16::kernels();
+    }
+    if ((capability == "AVX2" || capability == "AVX512") && avx2) {
       return AVX2::kernels();
     }
 #endif
@@ -49,7 +54,7 @@ const Kernels& kernels() {
 
 }  // namespace cpu
 
-// The instruction set of the CPU kernels in use ("AVX2", "DEFAULT"), for surgery._C.build_info().
+// The instruction set of the CPU kernels in use ("AVX512_BF16", "AVX2", "DEFAULT"), for surgery._C.build_info().
 const char* cpu_kernels_isa() {
   return cpu::kernels().isa;
 }
@@ -69,7 +74,7 @@ void query_concat_kernel(const at::Tensor& queries_in, const at::Tensor& feats, 
   const int64_t B = feats.size(0), N = feats.size(1), C = feats.size(2), Q = queries_in.size(0);
   const at::Tensor queries = rows_contiguous_or_copy(queries_in);  // small: Q x C
   // feats with strided rows (e.g. a transposed (B, C, N) buffer): ATen's strided copy into the
-  // output's slice is one pass and tiles transposes well; rows are then ours for the queries only.
+  // output's slice is one pass and tiles transposes well; the bytes are then ours for the queries only.
   const bool feats_rows = rows_contiguous(feats);
   if (!feats_rows) {
     out.narrow(1, Q, N).copy_(feats);
@@ -81,17 +86,33 @@ void query_concat_kernel(const at::Tensor& queries_in, const at::Tensor& feats, 
   auto* o_base = static_cast<char*>(out.data_ptr());
   const int64_t q_row = queries.stride(0) * item;
   const int64_t f_batch = feats.stride(0) * item, f_row = feats.stride(1) * item;
-  const int64_t per_batch = feats_rows ? Q + N : Q;  // rows of one batch element we copy
-  const int64_t out_batch = (Q + N) * row_bytes;
-
-  const int64_t grain = std::max<int64_t>(1, kCopyGrainBytes / row_bytes);
-  at::parallel_for(0, B * per_batch, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / per_batch, j = r % per_batch;
-      const char* src = j < Q ? q_base + j * q_row : f_base + b * f_batch + (j - Q) * f_row;
-      std::memcpy(o_base + b * out_batch + j * row_bytes, src, row_bytes);
+  const int64_t q_bytes = Q * row_bytes, out_batch = (Q + N) * row_bytes;
+  // A block of rows whose source rows follow each other in memory is one memcpy: the queries when
+  // their rows are packed, one batch element's features when theirs are (the usual case), so a
+  // batch element is two memcpys. The output bytes are split evenly over the threads; each copies
+  // the pieces of these blocks that fall in its range, so small outputs cost few calls and large
+  // ones are shared whatever Q, N and B are.
+  const bool q_packed = q_row == row_bytes, f_packed = f_row == row_bytes;
+  auto copy_range = [&](int64_t begin, int64_t end) {  // output bytes [begin, end)
+    for (int64_t o = begin; o < end;) {
+      const int64_t b = o / out_batch, in_batch = o % out_batch;
+      const bool is_query = in_batch < q_bytes;
+      const int64_t offset = is_query ? in_batch : in_batch - q_bytes;  // within the block
+      if (!is_query && !feats_rows) {  // already copied above: skip to the next batch element
+        o = (b + 1) * out_batch;
+        continue;
+      }
+      const char* block = is_query ? q_base : f_base + b * f_batch;
+      const bool packed = is_query ? q_packed : f_packed;
+      const int64_t block_end = is_query ? q_bytes : out_batch - q_bytes;
+      const int64_t row = offset / row_bytes, in_row = offset % row_bytes;
+      const char* src = packed ? block + offset : block + row * (is_query ? q_row : f_row) + in_row;
+      const int64_t len = std::min(end - o, packed ? block_end - offset : row_bytes - in_row);
+      std::memcpy(o_base + o, src, len);
+      o += len;
     }
-  });
+  };
+  at::parallel_for(0, B * out_batch, kCopyGrainBytes, copy_range);
 }
 
 at::Tensor& query_concat_out_cpu(const at::Tensor& queries, const at::Tensor& feats, at::Tensor& out) {

@@ -1,7 +1,8 @@
 // CPU kernels of adapter_add and adapter_attention, compiled once per instruction set and chosen
-// at run time (like ATen's DispatchStub): kernels_default.cpp (baseline, any CPU) and
+// at run time (like ATen's DispatchStub): kernels_default.cpp (baseline, any CPU),
 // kernels_avx2.cpp (x86-64 AVX2 + FMA + F16C, taken when ATen's CPU capability is AVX2 or
-// AVX512; ATEN_CPU_CAPABILITY=default forces the baseline). The interface is plain pointers and
+// AVX512) and kernels_avx512.cpp (AVX-512 F/BW/VL/DQ + AVX512-BF16, taken when ATen's capability
+// is AVX512 and the CPU has them). ATEN_CPU_CAPABILITY=default / avx2 forces a lower variant. The interface is plain pointers and
 // strides so that the ISA-specific files include no more of ATen than at::vec and
 // at::parallel_for (see setup.py on link order). Inputs are checked by the caller (csrc/ops.cpp):
 // one dtype, innermost dimensions contiguous, output contiguous.
@@ -52,8 +53,11 @@ const Kernels& kernels();
 namespace AVX2 {
 const Kernels& kernels();  // only when SURGERY_CPU_AVX2 is defined (x86-64, GCC or clang)
 }
+namespace AVX512_BF16 {
+const Kernels& kernels();  // likewise
+}
 
-// The variant for this CPU (the first call decides): AVX2 or DEFAULT.
+// The variant for this CPU (the first call decides): AVX512_BF16, AVX2 or DEFAULT.
 const Kernels& kernels();
 
 }  // namespace surgery::cpu

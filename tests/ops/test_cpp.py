@@ -4,7 +4,8 @@ Copies and adds are exact in every dtype (torch.equal); the attention accumulate
 rounds once, so it is compared with the reference computed in fp32 (within an ulp or two of the
 dtype) and, more loosely, with the reference in the dtype (which rounds the scores and the
 softmax on the way). Also: out=, non-contiguous inputs, gradients, fake tensors / opcheck,
-torch.compile, refused inputs, the baseline (non-AVX2) kernels, and the lazy, CUDA-free import.
+torch.compile, refused inputs, special values (NaN, inf, denormals) bit for bit, the lower
+instruction-set variants (baseline, AVX2) in subprocesses, and the lazy, CUDA-free import.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,12 +140,39 @@ def test_adapter_add_out(dtype):
     assert torch.equal(out, reference.adapter_add(adapter, vq))
 
 
+def special_values(dtype, n=4 * 64):
+    """Rows that hit every rounding case of the bf16/fp16 add: NaN and inf inputs, sums that
+    overflow, sums that are fp32 denormals (the AVX512-BF16 instruction would flush them),
+    signed zeros, and ties, placed so that some vectors have one special lane among ordinary ones."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(n, generator=g)
+    b = torch.randn(n, generator=g)
+    info = torch.finfo(dtype)
+    tiny = info.tiny  # smallest normal of the dtype
+    cases = [(float("nan"), 1.0), (1.0, float("nan")), (float("inf"), 1.0), (float("-inf"), float("inf")),
+             (info.max, info.max), (-info.max, -info.max), (tiny, -tiny / 2), (tiny / 4, tiny / 8),
+             (-tiny / 2, tiny / 4), (0.0, -0.0), (-0.0, -0.0), (1.0, 2.0 ** -8), (1.0, 3 * 2.0 ** -9)]
+    for i, (x, y) in enumerate(cases):
+        a[i * 19 % n], b[i * 19 % n] = x, y  # spread over different vectors and lanes
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_add_special_values_bit_exact(dtype):
+    """NaN, inf, overflow, denormal sums, signed zeros, ties: the same bits as eager torch."""
+    a, b = special_values(dtype)
+    adapter, vq = a.view(2, 2, 64), b.view(2, 2, 64)  # L=2, Q=2, D=64; B=2
+    got = S.adapter_add(adapter, vq)
+    expected = reference.adapter_add(adapter, vq)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
 # -- adapter_attention ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,T,Q,hd", [(1, 1, 1, 1, 1), (2, 3, 5, 10, 16), (1, 32, 1, 10, 128), (2, 4, 9, 7, 13),
-                                        (1, 2, 3, 3, 4099), (3, 2, 1, 17, 40)])
+                                        (1, 2, 3, 3, 4099), (3, 2, 1, 17, 40), (1, 2, 1, 70, 24), (2, 2, 3, 130, 64)])
 @pytest.mark.parametrize("new_gate", [True, False])
 def test_adapter_attention(dtype, B, H, T, Q, hd, new_gate):
     inputs = attention_inputs(B, H, T, Q, hd, dtype, new_gate)
@@ -151,7 +180,7 @@ def test_adapter_attention(dtype, B, H, T, Q, hd, new_gate):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 6])  # both ways of computing the scores (in place / k_t transposed)
+@pytest.mark.parametrize("T", [1, 6])  # decoding (one row per (b, h)), prefill (several)
 def test_adapter_attention_non_contiguous(dtype, T):
     B, H, Q, hd = 2, 3, 5, 16
     xq = randn(B, T, H, hd, dtype=dtype).transpose(1, 2)  # (B, H, T, hd) from (B, T, H, hd)
@@ -174,20 +203,31 @@ def test_adapter_attention_extreme_scores():
     check_attention(out, xq * 1e3, k_t, v, gate, ng)
 
 
-def test_baseline_kernels_in_a_subprocess():
-    """ATEN_CPU_CAPABILITY=default makes the extension pick its baseline (non-AVX2) kernels."""
-    code = textwrap.dedent("""
+@pytest.mark.parametrize("capability,isa", [("default", "DEFAULT"), ("avx2", "AVX2")])
+def test_lower_isa_kernels_in_a_subprocess(capability, isa):
+    """ATEN_CPU_CAPABILITY=default / avx2 makes the extension pick its baseline / AVX2 kernels,
+    which then agree with the reference as the best variant does (this machine's is tested above)."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    code = textwrap.dedent(f"""
+        import sys
         import torch
         from surgery.ops import _extension, reference
-        assert _extension.build_info()["cpu_isa"] == "DEFAULT", _extension.build_info()
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_cpp import special_values
+        assert _extension.build_info()["cpu_isa"] == {isa!r}, _extension.build_info()
         S = torch.ops.surgery
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             q, f = torch.randn(3, 37).to(dtype), torch.randn(2, 5, 37).to(dtype)
             assert torch.equal(S.query_concat(q, f), reference.query_concat(q, f))
             a, vq = torch.randn(4 * 3, 37).to(dtype), torch.randn(2, 3, 37).to(dtype)
             assert torch.equal(S.adapter_add(a, vq), reference.adapter_add(a, vq))
-            for T in (1, 5):
-                x, k, v = torch.randn(2, 3, T, 19), torch.randn(2, 3, 19, 6), torch.randn(2, 3, 6, 19)
+            if dtype != torch.float32:
+                a, b = special_values(dtype)
+                got, want = S.adapter_add(a.view(2, 2, 64), b.view(2, 2, 64)), reference.adapter_add(a.view(2, 2, 64), b.view(2, 2, 64))
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), dtype
+            for T, Q in ((1, 6), (5, 6), (1, 70)):
+                x, k, v = torch.randn(2, 3, T, 19), torch.randn(2, 3, 19, Q), torch.randn(2, 3, Q, 19)
                 g, ng = torch.rand(1, 3, 1, 1), torch.rand(1, 1, 1, 1)
                 ins = [t.to(dtype) for t in (x, k, v, g, ng)]
                 ref = reference.adapter_attention(*[t.float() for t in ins]).to(dtype)
@@ -195,7 +235,7 @@ def test_baseline_kernels_in_a_subprocess():
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": capability})
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
 
 
@@ -499,7 +539,7 @@ def test_disabled_extension_keeps_the_reason_and_warns_once():
 def test_build_info():
     info = _extension.build_info()
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert info["cpu_isa"] in ("DEFAULT", "AVX2")
+    assert info["cpu_isa"] in ("DEFAULT", "AVX2", "AVX512_BF16")
     assert info["openmp"] is True or sys.platform != "linux"
     assert isinstance(info["cuda_sources"], bool) and isinstance(info["cuda_kernels"], bool)
     if info["cuda_sources"]:

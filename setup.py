@@ -273,6 +273,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "tqdm",
+        "matplotlib",  # surgery bench: the PNG plots
     ],
     extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
     entry_points={

@@ -5,6 +5,8 @@
     surgery inspect TARGET [--model NAME]    sites, counts, constraints, tensors of a model or checkpoint
     surgery resize CKPT --set SITE=N -o OUT  resize a checkpoint file into a new file
     surgery demo                             the whole idea on a tiny ViT, in seconds
+    surgery bench {kernels,e2e,surgery}      benchmarks: kernels vs the hardware limit, generation, surgery cost
+    surgery profile                          a generation under torch.profiler: trace, top ops, stage times
 
 Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
 a malformed command line, 1 for anything token-surgery refuses), with no traceback, and no file
@@ -469,6 +471,99 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- benchmarks and profiling ------------------------------------------------------------------
+
+BENCH_KINDS = ("kernels", "e2e", "surgery")
+_KIND_OPTIONS = {  # options that only one kind of benchmark reads
+    "ops": "kernels", "backends": "kernels", "peak_gbps": "kernels",
+    "model": "e2e", "query_lens": "e2e", "batches": "e2e", "prompt_len": "e2e", "imagebind": "e2e",
+    "repeats": "surgery",
+}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark, write its CSV/JSON/PNG/summary.md to --out, print the summary."""
+    from pathlib import Path
+
+    for option, kind in _KIND_OPTIONS.items():
+        if getattr(args, option) is not None and kind != args.kind:
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} is an option of 'surgery bench {kind}', not of 'surgery bench {args.kind}'")
+    from surgery.bench import OutputMismatchError
+    from surgery.bench.timing import resolve_device
+
+    resolve_device(args.device)  # a clear error before any model is built
+    out = Path(args.out or os.path.join("out", "bench", args.kind))
+    progress = not args.no_progress
+    if args.kind == "kernels":
+        from surgery.bench import kernels
+
+        config = kernels.KernelConfig(device=args.device, quick=args.quick, dtypes=args.dtypes, threads=args.threads,
+                                      ops=args.ops or kernels.OPS, backends=args.backends, peak_gbps=args.peak_gbps)
+        results, files = kernels.main(config, out, progress)
+        summary = kernels.summary_markdown(results)
+    elif args.kind == "e2e":
+        from surgery.bench import e2e
+
+        config = e2e.E2EConfig(device=args.device, quick=args.quick, dtypes=args.dtypes, threads=args.threads,
+                               model=args.model or e2e.E2EConfig.model, query_lens=args.query_lens,
+                               batches=args.batches, prompt_len=args.prompt_len, imagebind=args.imagebind)
+        results, files = e2e.main(config, out, progress)
+        summary = e2e.summary_markdown(results) + "\n\nImageBind: " + results.imagebind_note
+    else:
+        from surgery.bench import surgery_cost
+
+        if args.dtypes and len(args.dtypes) > 1:
+            raise UsageError("'surgery bench surgery' takes one dtype (the sites' tensors), e.g. --dtypes bfloat16")
+        config = surgery_cost.CostConfig(device=args.device, quick=args.quick, threads=args.threads,
+                                         dtype=(args.dtypes or ("float32",))[0], repeats=args.repeats)
+        results, files = surgery_cost.main(config, out, progress)
+        summary = surgery_cost.summary_markdown(results)
+    print(summary)
+    print(f"\nresults in {out}: " + ", ".join(Path(f).name for f in files))
+    refused = getattr(results, "refused", [])
+    if refused:
+        raise OutputMismatchError(f"{len(refused)} backend measurement(s) refused because their output differs from "
+                                  f"the reference or they failed (not timed): " + "; ".join(
+                                      f"{r.op} [{r.shape}, {r.dtype}] {r.backend}" for r in refused))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile one generation: trace file, top operators by self time, the stages' times."""
+    from pathlib import Path
+
+    from surgery.bench import profile
+
+    config = profile.ProfileConfig(device=args.device, model=args.model, dtype=args.dtype, query_len=args.query_len,
+                                   batch=args.batch, prompt_len=args.prompt_len, steps=args.steps,
+                                   threads=args.threads, top=args.top)
+    result = profile.run(config, Path(args.out or os.path.join("out", "profile")))
+    print(f"top {args.top} operators by self time ({args.model}, {args.device}, {args.dtype}):")
+    print(result.top_table)
+    print("labelled stages:")
+    print(profile.format_stages(result.stages))
+    print(f"\ntrace: {result.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
 # -- parser and entry point ----------------------------------------------------------------------
 
 
@@ -534,6 +629,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_tiny_test", metavar="NAME", help="registered model (default vit_tiny_test)")
     set_option(p, required=False)
     p.add_argument("--out", metavar="DIR", help="keep the demo checkpoint in DIR (default: a temporary folder)")
+
+    p = command("bench", cmd_bench, "benchmarks: kernels vs the hardware limit, generation, surgery cost",
+                "Run a benchmark and write its results (CSV, JSON, PNG plots, summary.md) to --out.\n\n"
+                "  kernels  each fused op x backend x shape x dtype: ms, GB/s, fraction of the limit\n"
+                "           (CPU: a same-run copy; GPU: the device's peak memory bandwidth)\n"
+                "  e2e      LLaMA-Adapter V2: prefill ms and decode tokens/s of this project's path,\n"
+                "           upstream's and the no-adapter floor (greedy tokens checked identical first)\n"
+                "  surgery  time and extra memory of resize and tokens(...) on the 7B shape (meta weights)\n\n"
+                "--quick runs a small grid (under a minute on a 2-core CPU). Details: docs/performance.md")
+    p.add_argument("kind", choices=BENCH_KINDS, metavar="{kernels,e2e,surgery}", help="which benchmark")
+    p.add_argument("--quick", action="store_true", help="a small grid with short timings (CI)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--out", metavar="DIR", help="results folder (default out/bench/KIND)")
+    p.add_argument("--threads", type=int, help="CPU threads, fixed for the run (default: torch's count)")
+    p.add_argument("--dtypes", type=_name_list, help="e.g. float32,bfloat16 (default: both; float32 with --quick)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ops", type=_name_list, help="kernels: some of query_concat,adapter_add,adapter_attention")
+    p.add_argument("--backends", type=_name_list, help="kernels: e.g. cpp,cpp.out (the copy is always timed)")
+    p.add_argument("--peak-gbps", type=float, help="kernels on GPU: the peak memory bandwidth, GB/s "
+                                                   "(default: device properties, else a table; SURGERY_PEAK_GBPS)")
+    p.add_argument("--model", help="e2e: a registered LLaMA-Adapter V2 model (default llama_adapter_v2_bench)")
+    p.add_argument("--query-lens", type=_int_list, help="e2e: e.g. 1,10,64,256")
+    p.add_argument("--batches", type=_int_list, help="e2e: e.g. 1,4")
+    p.add_argument("--prompt-len", type=int, help="e2e: prompt tokens per row (default 32; 16 with --quick)")
+    p.add_argument("--imagebind", action=argparse.BooleanOptionalAction, default=None,
+                   help="e2e: also run benchmarks/imagebind_embed.py (default: yes, except with --quick)")
+    p.add_argument("--repeats", type=int, help="surgery: timed calls per action (default 30; 5 with --quick)")
+
+    p = command("profile", cmd_profile, "profile a LLaMA-Adapter V2 generation (trace, top ops, stages)",
+                "Run one greedy generation under torch.profiler with labelled ranges for each stage\n"
+                "(visual encoder, query concat, visual blocks, adapter add, prefill, each decode step,\n"
+                "adapter attention; NVTX ranges too on GPU), write a Chrome/Perfetto trace to --out and\n"
+                "print the top operators by self time and each stage's time.")
+    p.add_argument("--model", default="llama_adapter_v2_bench", help="registered model (default llama_adapter_v2_bench)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--query-len", type=int, help="resize the visual queries first")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8, help="tokens to generate (default 8)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's count)")
+    p.add_argument("--top", type=int, default=15, help="operators to print (default 15)")
+    p.add_argument("--out", metavar="DIR", help="folder for trace.json, stages.json, top_ops.txt (default out/profile)")
     return parser
 
 
@@ -543,7 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo (see 'surgery --help')")
+            raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo, bench, profile "
+                             "(see 'surgery --help')")
         return args.func(args)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0

@@ -124,7 +124,12 @@ class SiteChange:
             new_block = self._new_block(block.flip(0)).flip(0).movedim(0, axis)
         else:
             new_block = self._new_block(block).movedim(0, axis)
-        new_viewed = torch.cat([before, new_block, after], dim=axis)
+        # The block is often the whole tensor: then concatenating would only copy it once more. But a
+        # block that is still a view of the old tensor (truncated) must be copied: the old tensor is
+        # kept for an exact undo and must not change when the new one is trained in place.
+        whole = before.shape[axis] == 0 and after.shape[axis] == 0
+        own = new_block.untyped_storage().data_ptr() != viewed.untyped_storage().data_ptr()
+        new_viewed = new_block if whole and own else torch.cat([before, new_block, after], dim=axis)
         stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))
         absent = self.new == 0 and t.template is not None
         self.edit.set_tensor(t.module, t.name, None if absent else stored.contiguous(), t.requires_grad)
@@ -153,6 +158,8 @@ class SiteChange:
             else:
                 del stash[stash_key]
             _set_state(self.model, self.edit, stash=stash)
+        if block.shape[0] >= self.new:  # the stash held every row: nothing left to initialise
+            return block
         return strategies.GROWTH[self.site.default_init](block, self.new, self.generator)
 
 

@@ -56,6 +56,18 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle that would run code or build arbitrary objects; it was refused before running anything."""
 
 
+class BenchmarkError(SurgeryError):
+    """A benchmark that cannot run (bad option, missing profiler support) or whose results would be wrong."""
+
+
+class DeviceUnavailableError(BenchmarkError):
+    """`--device` names a device that does not exist here, or that the benchmark does not support."""
+
+
+class OutputMismatchError(BenchmarkError):
+    """A backend's (or a generation path's) output disagrees with the reference: it is not timed."""
+
+
 __all__ = [
     "SurgeryError",
     "PluginError",
@@ -69,4 +81,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "BenchmarkError",
+    "DeviceUnavailableError",
+    "OutputMismatchError",
 ]

@@ -382,3 +382,96 @@ def test_console_script(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "surgery", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and surgery.__version__ in done.stdout
+
+
+# -- bench and profile ---------------------------------------------------------------------------
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+
+
+def test_bench_and_profile_have_help(capsys):
+    code, out, _ = cli(capsys, "bench", "--help")
+    assert code == 0 and out.startswith("usage: surgery bench") and all(k in out for k in ("kernels", "e2e", "surgery"))
+    assert "--quick" in out and "--device" in out and "--out" in out
+    code, out, _ = cli(capsys, "profile", "--help")
+    assert code == 0 and out.startswith("usage: surgery profile") and "Perfetto" in out
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("argv", [["bench", "kernels"], ["bench", "e2e", "--quick"], ["bench", "surgery"], ["profile"]])
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys, argv):
+    out_dir = tmp_path / "results"
+    code, out, err = cli(capsys, *argv, "--device", "cuda", "--out", str(out_dir))
+    assert_refused(code, err, expected_code=1, mentions="no CUDA device is available here")
+    assert "allowed here: cpu" in err and not out_dir.exists()
+
+
+def test_bench_option_of_another_benchmark_is_a_usage_error(capsys):
+    code, _, err = cli(capsys, "bench", "e2e", "--ops", "query_concat")
+    assert_refused(code, err, expected_code=2, mentions="--ops is an option of 'surgery bench kernels'")
+    code, _, err = cli(capsys, "bench", "fast")
+    assert_refused(code, err, expected_code=2, mentions="invalid choice")
+
+
+def _kernel_argv(tmp_path) -> list[str]:
+    return ["bench", "kernels", "--quick", "--ops", "query_concat", "--backends", "cpp.out", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path)]
+
+
+def test_bench_kernels_writes_rows_plots_and_a_summary(tmp_path, capsys):
+    code, out, err = cli(capsys, *_kernel_argv(tmp_path))
+    assert code == 0, err
+    assert "| query_concat | float32 | 7b |" in out and f"results in {tmp_path}" in out
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert {r["backend"] for r in data["rows"]} == {"copy", "cpp.out"}
+    assert all(r["status"] == "ok" and r["threads"] == 1 for r in data["rows"])
+    assert (tmp_path / "kernels_cpu_float32.png").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_bench_kernels_refuses_a_backend_whose_output_is_wrong(tmp_path, capsys, monkeypatch):
+    from surgery.bench import kernels
+
+    real = kernels.implementations
+
+    def with_wrong_cpp(case, device, backends):
+        impls, missing = real(case, device, backends)
+        good = impls["cpp.out"]
+
+        def wrong(args, out):
+            return good.call(args, out).mul_(2)  # every element wrong
+
+        return {**impls, "cpp.out": kernels.Impl("cpp.out", wrong, needs_out=True)}, missing
+
+    monkeypatch.setattr(kernels, "implementations", with_wrong_cpp)
+    code, out, err = cli(capsys, *_kernel_argv(tmp_path))
+    assert_refused(code, err, expected_code=1, mentions="refused because their output differs from the reference")
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]  # the results are still written
+    wrong = [r for r in rows if r["backend"] == "cpp.out"]
+    assert wrong and all(r["status"] == "refused" and r["ms_p50"] is None for r in wrong)
+
+
+def test_bench_surgery_quick(tmp_path, capsys):
+    code, out, err = cli(capsys, "bench", "surgery", "--quick", "--repeats", "2", "--no-progress", "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "surgery_cost.json").read_text())["rows"]
+    assert len(rows) == 10 and {r["site"] for r in rows} == {"query_len", "query_layer"}
+    assert all(r["other_tensors_touched"] == 0 for r in rows)
+    assert "| tokens swap | query_len | 10 -> 64 |" in out
+
+
+def test_bench_e2e_on_the_tiny_model(tmp_path, capsys):
+    code, out, err = cli(capsys, "bench", "e2e", "--quick", "--model", "llama_adapter_v2_tiny", "--query-lens", "3",
+                         "--batches", "1,2", "--prompt-len", "4", "--threads", "1", "--no-progress", "--out",
+                         str(tmp_path))
+    assert code == 0, err
+    points = json.loads((tmp_path / "e2e_points.json").read_text())["rows"]
+    assert [(p["query_len"], p["batch"], p["tokens_identical"]) for p in points] == [(3, 1, True), (3, 2, True)]
+    assert "ImageBind: not measured: --quick without --imagebind" in out
+
+
+def test_profile_writes_a_trace(tmp_path, capsys):
+    code, out, err = cli(capsys, "profile", "--model", "llama_adapter_v2_tiny", "--steps", "2", "--threads", "1",
+                         "--out", str(tmp_path))
+    assert code == 0, err
+    assert "Self CPU" in out and "decode_step_1" in out and "adapter_attention" in out
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]

@@ -148,6 +148,16 @@ def test_tokens_restores_bit_exactly_also_on_exception(toy_host):
     assert surgery.recipe(model).steps == ()
 
 
+def test_training_a_truncated_site_in_place_does_not_touch_the_kept_original(toy_host):
+    """A truncated whole-tensor site must not share memory with the tensor kept for the undo."""
+    model = make(prompts=4)
+    before = snapshot(model)
+    with surgery.tokens(model, prompts=2, shrink="truncate"):
+        with torch.no_grad():
+            model.prompts.add_(1.0)  # an optimiser step, in place
+    assert_same(before, snapshot(model))
+
+
 def test_events_around_resize_and_tokens(toy_host):
     model = make(prompts=2)
     surgery.resize(model, prompts=3)

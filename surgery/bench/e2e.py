@@ -1,0 +1,362 @@
+"""LLaMA-Adapter V2 generation end to end: prefill and decode, three ways (`surgery bench e2e`).
+
+    floor     the same LLaMA with no adapter at all: the limit an adapter path can approach
+    ours      this project's path: the adapter keys/values computed once per image (at prefill)
+              and reused by every decoding step, the fused ops in the adapter branch
+    upstream  upstream's path (`cache_adapter=False`): every adapted layer re-adds its adapter
+              tokens and recomputes their wk/wv projections at every forward
+
+Model: the `bench` config by default (dim 1024, 16 layers, 16 heads, query_layer 15, vocab 32000,
+CLIP ViT at 224 with patch 32), random weights with non-zero gates (`init="random"`), so the
+adapter branch does real work. query_len is set with `surgery.resize` (the tool itself).
+
+For each dtype x query_len x batch, before anything is timed, the greedy tokens of `ours` and
+`upstream` (`generate_tokens`, temperature 0) must be identical, else OutputMismatchError:
+a speed-up of a path that computes something else would mean nothing. Then, interleaved:
+
+    visual    forward_visual of the batch's images (the same for both adapter paths)
+    prefill   the prompt (`--prompt-len` tokens per row) from position 0; for `ours` this includes
+              computing the adapter keys/values, the once-per-image work it moves there
+    decode    one decoding step (one new token per row) at position prompt_len with a warm KV
+              cache: the steady state of generation; tokens/s = batch / step time
+
+Reported per path: prefill ms and decode ms (p20 / p50 / p80) and decode tokens/s; per point: the
+ratios ours/floor (decode) and upstream/ours (decode and prefill), with the targets of the
+LLaMA-Adapter issue where it sets one. ImageBind's embedding throughput is added to the report
+when its benchmark (benchmarks/imagebind_embed.py) is present (`imagebind_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import BenchmarkError, OutputMismatchError, report
+from .timing import Budget, Timing, resolve_device, set_threads, time_many
+
+PATHS = ("floor", "ours", "upstream")
+# (query_len, batch): (max decode ours/floor, min decode upstream/ours), from the LLaMA-Adapter issue
+TARGETS = {(10, 1): (1.10, 1.2), (64, 4): (1.20, 2.0)}
+REPO = Path(__file__).resolve().parents[2]
+IMAGEBIND_SCRIPT = REPO / "benchmarks" / "imagebind_embed.py"
+
+
+@dataclass
+class E2EConfig:
+    device: str = "cpu"
+    quick: bool = False
+    model: str = "llama_adapter_v2_bench"
+    dtypes: Optional[tuple[str, ...]] = None  # None: float32 with --quick, else float32 and bfloat16
+    query_lens: Optional[tuple[int, ...]] = None  # None: (1, 10, 64, 256); --quick: the target points
+    batches: Optional[tuple[int, ...]] = None  # None: (1, 4)
+    prompt_len: Optional[int] = None  # tokens per prompt: None: 32 (16 with --quick)
+    check_tokens: int = 4  # greedy tokens compared between ours and upstream
+    threads: Optional[int] = None
+    budget: Optional[Budget] = None
+    imagebind: Optional[bool] = None  # run benchmarks/imagebind_embed.py (None: yes, except with --quick)
+
+    @property
+    def prompt(self) -> int:
+        return self.prompt_len or (16 if self.quick else 32)
+
+    def points(self) -> list[tuple[int, int]]:
+        """(query_len, batch) pairs: the full grid, or with --quick the two target points."""
+        if self.quick and self.query_lens is None and self.batches is None:
+            return list(TARGETS)
+        return [(q, b) for q in (self.query_lens or (1, 10, 64, 256)) for b in (self.batches or (1, 4))]
+
+    def dtype_list(self) -> list[torch.dtype]:
+        names = self.dtypes or (("float32",) if self.quick else ("float32", "bfloat16"))
+        out = []
+        for name in names:
+            if name not in ("float32", "bfloat16", "float16"):
+                raise BenchmarkError(f"unknown dtype {name!r}; allowed: float32, bfloat16, float16")
+            out.append(getattr(torch, name))
+        return out
+
+
+@dataclass
+class E2ERow:
+    dtype: str
+    query_len: int
+    batch: int
+    path: str
+    prompt_len: int
+    device: str
+    threads: int
+    prefill_ms_p20: float
+    prefill_ms_p50: float
+    prefill_ms_p80: float
+    decode_ms_p20: float
+    decode_ms_p50: float
+    decode_ms_p80: float
+    decode_tokens_per_s: float  # batch / decode step (p50)
+    timer: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class E2EPoint:
+    """The three paths at one (dtype, query_len, batch), as ratios."""
+
+    dtype: str
+    query_len: int
+    batch: int
+    tokens_identical: bool  # ours vs upstream, greedy (checked before timing)
+    visual_ms: float
+    floor_decode_ms: float
+    ours_decode_ms: float
+    upstream_decode_ms: float
+    ours_over_floor: float  # decode step
+    speedup_vs_upstream: float  # decode tokens/s, ours / upstream
+    prefill_speedup_vs_upstream: float
+    target_ours_over_floor: Optional[float] = None
+    target_speedup: Optional[float] = None
+    met: Optional[bool] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class E2EResults:
+    rows: list[E2ERow] = field(default_factory=list)
+    points: list[E2EPoint] = field(default_factory=list)
+    imagebind: list[dict] = field(default_factory=list)
+    imagebind_note: str = ""
+    env: dict = field(default_factory=dict)
+
+
+# -- the three paths -----------------------------------------------------------------------------
+
+
+def floor_forward(llama: torch.nn.Module, tokens: torch.Tensor, start_pos: int, kv_caches: list) -> torch.Tensor:
+    """The adapter model's LLaMA with no adapter, exactly as `forward_inference` runs it (logits of
+    the last position only), so the floor does the same work minus the adapter."""
+    from surgery_plugins.llama_adapter.llama import causal_mask
+
+    T = tokens.shape[1]
+    h = llama.tok_embeddings(tokens)  # (B, T, D)
+    rope = llama.rope(start_pos, T, h.device)
+    mask = causal_mask(start_pos, T, h.dtype, h.device)
+    for i, layer in enumerate(llama.layers):
+        h = layer(h, start_pos, rope, mask, kv_cache=kv_caches[i])
+    return llama.output(llama.norm(h[:, -1, :])).float()  # (B, V)
+
+
+def build(config: E2EConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    import surgery
+
+    torch.manual_seed(0)
+    return surgery.build(config.model, device=str(device)).to(dtype)
+
+
+def inputs(model: torch.nn.Module, batch: int, prompt_len: int, device: torch.device, dtype: torch.dtype):
+    """(images (B, 3, S, S), prompts (B, P) token ids) of a fixed seed."""
+    gen = torch.Generator().manual_seed(1)
+    size = model.config.clip.image_size
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+    prompts = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    prompts[:, 0] = 1  # BOS
+    return images, prompts
+
+
+def check_tokens(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, n: int,
+                 where: str) -> None:
+    """Greedy tokens of our path and upstream's must be identical (else nothing is timed)."""
+    rows = [p[: 8 + k] for k, p in enumerate(prompts.tolist())]  # ragged prompts: the real loop's masking
+    ours = model.generate_tokens(images, rows, max_gen_len=n, temperature=0, cache_adapter=True)
+    theirs = model.generate_tokens(images, rows, max_gen_len=n, temperature=0, cache_adapter=False)
+    if ours != theirs:
+        raise OutputMismatchError(f"{where}: greedy tokens of this project's path and upstream's differ "
+                                  f"({ours} vs {theirs}); nothing was timed")
+
+
+def time_point(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, device: torch.device,
+               budget: Budget, threads: int) -> dict[str, Timing]:
+    """visual, and prefill / decode of each path, interleaved."""
+    B, P = prompts.shape
+    dtype = model.llama.tok_embeddings.weight.dtype
+    token = prompts[:, -1:]  # (B, 1): any token; the step's cost does not depend on its value
+    with torch.inference_mode():
+        vq = model.forward_visual(images)  # (B, Q, D)
+        akv = model.adapter_kv(vq)
+        caches = {p: model.llama.new_kv_caches(B, dtype, device, P + 8) for p in PATHS}
+        # warm every cache up to position P, so that a decode step reads P cached positions
+        floor_forward(model.llama, prompts, 0, caches["floor"])
+        model.forward_inference(vq, prompts, 0, adapter_kv=akv, kv_caches=caches["ours"])
+        model.forward_inference(vq, prompts, 0, kv_caches=caches["upstream"])
+    fns = {
+        "visual": lambda: model.forward_visual(images),
+        "floor.prefill": lambda: floor_forward(model.llama, prompts, 0, caches["floor"]),
+        "ours.prefill": lambda: model.forward_inference(vq, prompts, 0, adapter_kv=model.adapter_kv(vq),
+                                                        kv_caches=caches["ours"]),
+        "upstream.prefill": lambda: model.forward_inference(vq, prompts, 0, kv_caches=caches["upstream"]),
+        "floor.decode": lambda: floor_forward(model.llama, token, P, caches["floor"]),
+        "ours.decode": lambda: model.forward_inference(vq, token, P, adapter_kv=akv, kv_caches=caches["ours"]),
+        "upstream.decode": lambda: model.forward_inference(vq, token, P, kv_caches=caches["upstream"]),
+    }
+    with torch.inference_mode():
+        return time_many(fns, device, budget, threads)
+
+
+def run(config: E2EConfig, progress: bool = False) -> E2EResults:
+    import surgery
+
+    device = resolve_device(config.device)
+    threads = set_threads(config.threads)
+    budget = config.budget or (Budget.quick() if config.quick else Budget.full())
+    dtypes, points = config.dtype_list(), config.points()
+    results = E2EResults(env=report.environment(device, threads, model=config.model, prompt_len=config.prompt,
+                                                quick=config.quick))
+    bar = _bar(len(dtypes) * len(points), progress)
+    for dtype in dtypes:
+        model = build(config, dtype, device)
+        name = str(dtype).removeprefix("torch.")
+        for query_len, batch in points:
+            surgery.resize(model, query_len=query_len, init="normal")
+            images, prompts = inputs(model, batch, config.prompt, device, dtype)
+            check_tokens(model, images, prompts, config.check_tokens, f"{config.model} {name} query_len={query_len} "
+                         f"batch={batch}")
+            t = time_point(model, images, prompts, device, budget, threads)
+            for path in PATHS:
+                pre, dec = t[f"{path}.prefill"], t[f"{path}.decode"]
+                results.rows.append(E2ERow(name, query_len, batch, path, config.prompt, str(device), threads,
+                                           pre.p20_ms, pre.p50_ms, pre.p80_ms, dec.p20_ms, dec.p50_ms, dec.p80_ms,
+                                           batch / (dec.p50_ms * 1e-3), dec.method))
+            point = E2EPoint(name, query_len, batch, True, t["visual"].p50_ms, t["floor.decode"].p50_ms,
+                             t["ours.decode"].p50_ms, t["upstream.decode"].p50_ms,
+                             t["ours.decode"].p50_ms / t["floor.decode"].p50_ms,
+                             t["upstream.decode"].p50_ms / t["ours.decode"].p50_ms,
+                             t["upstream.prefill"].p50_ms / t["ours.prefill"].p50_ms)
+            target = TARGETS.get((query_len, batch))
+            if target:
+                point.target_ours_over_floor, point.target_speedup = target
+                point.met = point.ours_over_floor <= target[0] and point.speedup_vs_upstream >= target[1]
+            results.points.append(point)
+            bar.update(1)
+        del model
+    bar.close()
+    return results
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, show: bool):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="e2e", unit="point", leave=False, dynamic_ncols=True)
+
+
+# -- ImageBind -----------------------------------------------------------------------------------
+
+
+def imagebind_rows(out: Path, quick: bool, device: torch.device, script: Path = IMAGEBIND_SCRIPT,
+                   timeout: float = 1800) -> tuple[list[dict], str]:
+    """Run the ImageBind embedding benchmark (a separate script, from the ImageBind issue) with
+    `--out DIR` and read the JSON rows it writes: (rows, note). No script: ([], why)."""
+    if not script.is_file():
+        return [], f"not measured: {script.relative_to(REPO) if script.is_relative_to(REPO) else script} is absent"
+    folder = Path(out) / "imagebind"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                                  timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [], f"not measured: {script.name} --help failed ({exc})"
+    command = [sys.executable, str(script), "--out", str(folder)]
+    if quick and "--quick" in helptext:
+        command.append("--quick")
+    if "--device" in helptext:
+        command += ["--device", str(device)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [], f"not measured: {' '.join(command[1:])} failed ({exc})"
+    if done.returncode != 0:
+        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        return [], f"not measured: {script.name} exited with {done.returncode}: {tail[:400]}"
+    rows: list[dict] = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows += data["rows"] if isinstance(data, dict) and "rows" in data else (data if isinstance(data, list) else [])
+    return rows, f"{len(rows)} rows from {script.name}" if rows else f"{script.name} wrote no JSON rows"
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def summary_markdown(results: E2EResults) -> str:
+    headers = ["dtype", "query_len", "batch", "floor ms", "ours ms", "upstream ms", "ours/floor",
+               "upstream/ours", "ours tok/s", "prefill upstream/ours", "visual ms", "target", "met"]
+    table = []
+    for p in results.points:
+        tok_s = next(r.decode_tokens_per_s for r in results.rows
+                     if (r.dtype, r.query_len, r.batch, r.path) == (p.dtype, p.query_len, p.batch, "ours"))
+        target = (f"ours/floor <= {p.target_ours_over_floor:.2f}, >= {p.target_speedup:.1f}x"
+                  if p.target_ours_over_floor else "")
+        table.append([p.dtype, str(p.query_len), str(p.batch), p.floor_decode_ms, p.ours_decode_ms,
+                      p.upstream_decode_ms, p.ours_over_floor, f"{p.speedup_vs_upstream:.2f}x", f"{tok_s:.1f}",
+                      f"{p.prefill_speedup_vs_upstream:.2f}x", p.visual_ms, target, p.met if p.met is not None else "-"])
+    text = ("Decode: one step at position prompt_len (median ms); greedy tokens of ours and upstream "
+            "identical at every point (checked before timing).\n\n" + report.markdown_table(headers, table))
+    prefill = [[r.dtype, str(r.query_len), str(r.batch), r.path, r.prefill_ms_p50, r.prefill_ms_p20, r.prefill_ms_p80,
+                f"{r.decode_tokens_per_s:.1f}"] for r in results.rows]
+    text += "\n\nPer path (prefill of the prompt; decode tokens/s at batch):\n\n" + report.markdown_table(
+        ["dtype", "query_len", "batch", "path", "prefill ms p50", "p20", "p80", "decode tok/s"], prefill)
+    return text
+
+
+def imagebind_markdown(rows: Sequence[dict], note: str) -> str:
+    if not rows:
+        return note
+    keys = [k for k in rows[0] if k not in report.ENV_FIELDS]
+    return note + "\n\n" + report.markdown_table(keys, [[r.get(k) for k in keys] for r in rows])
+
+
+def write(results: E2EResults, out: Path) -> list[Path]:
+    out = Path(out)
+    files = report.write_table(out, "e2e", [r.to_dict() for r in results.rows], results.env)
+    files += report.write_table(out, "e2e_points", [p.to_dict() for p in results.points], results.env)
+    if results.imagebind:
+        files += report.write_table(out, "imagebind", results.imagebind, results.env)
+    for dtype in dict.fromkeys(r.dtype for r in results.rows):
+        for batch in dict.fromkeys(r.batch for r in results.rows):
+            mine = [r for r in results.rows if r.dtype == dtype and r.batch == batch]
+            if len({r.query_len for r in mine}) < 2:
+                continue  # one point is not a line
+            series = {path: [(r.query_len, r.decode_tokens_per_s) for r in mine if r.path == path] for path in PATHS}
+            files.append(report.plot_lines(series, out / f"e2e_decode_{dtype}_b{batch}.png",
+                                           f"decode tokens/s, {results.env['device_name']}, {dtype}, batch {batch}",
+                                           "query_len", "tokens/s", logx=True))
+    sections = [("LLaMA-Adapter V2 generation", summary_markdown(results)),
+                ("ImageBind embedding throughput", imagebind_markdown(results.imagebind, results.imagebind_note))]
+    files.append(report.write_summary(out, "End-to-end benchmarks", sections, results.env, files))
+    return files
+
+
+def main(config: E2EConfig, out: Path, progress: bool = True) -> tuple[E2EResults, list[Path]]:
+    results = run(config, progress=progress)
+    wanted = config.imagebind if config.imagebind is not None else not config.quick
+    if wanted:
+        results.imagebind, results.imagebind_note = imagebind_rows(out, config.quick, resolve_device(config.device))
+    else:  # its quick run alone takes ~45 s on a 2-core CPU: not part of a quick run unless asked
+        results.imagebind_note = "not measured: " + ("--no-imagebind" if config.imagebind is False
+                                                     else "--quick without --imagebind")
+    return results, write(results, out)

@@ -1,0 +1,110 @@
+"""surgery/bench/e2e.py on the tiny LLaMA-Adapter V2: tokens checked first, rows consistent."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import surgery
+from surgery.bench import OutputMismatchError, e2e
+from surgery.bench.e2e import E2EConfig
+
+TINY = "llama_adapter_v2_tiny"
+
+
+def test_grids():
+    assert E2EConfig().points() == [(q, b) for q in (1, 10, 64, 256) for b in (1, 4)]
+    assert E2EConfig(quick=True).points() == list(e2e.TARGETS)
+    assert E2EConfig(quick=True).dtype_list() == [torch.float32]
+    assert E2EConfig().dtype_list() == [torch.float32, torch.bfloat16]
+    assert (E2EConfig().prompt, E2EConfig(quick=True).prompt, E2EConfig(prompt_len=5).prompt) == (32, 16, 5)
+
+
+def test_floor_is_the_adapter_models_llama_without_adapter():
+    """The floor's logits equal plain LLaMA's (Transformer.forward) at the last position."""
+    torch.manual_seed(0)
+    model = surgery.build(TINY)
+    tokens = torch.randint(3, model.config.vocab_size, (2, 6))
+    with torch.inference_mode():
+        kv = model.llama.new_kv_caches(2, torch.float32, "cpu", 16)
+        ours = e2e.floor_forward(model.llama, tokens, 0, kv)
+        kv2 = model.llama.new_kv_caches(2, torch.float32, "cpu", 16)
+        plain = model.llama(tokens, 0, kv_caches=kv2)[:, -1].float()
+    torch.testing.assert_close(ours, plain)
+
+
+def test_paths_that_disagree_are_refused_before_timing(monkeypatch):
+    torch.manual_seed(0)
+    model = surgery.build(TINY)
+    images, prompts = e2e.inputs(model, 2, 12, torch.device("cpu"), torch.float32)
+    e2e.check_tokens(model, images, prompts, 3, "tiny")  # the real paths agree
+    real = model.generate_tokens
+
+    def drifting(*args, cache_adapter=True, **kwargs):
+        out = real(*args, cache_adapter=cache_adapter, **kwargs)
+        return out if cache_adapter else [[t + 1 for t in row] for row in out]
+
+    monkeypatch.setattr(model, "generate_tokens", drifting)
+    with pytest.raises(OutputMismatchError, match="greedy tokens .* differ"):
+        e2e.check_tokens(model, images, prompts, 3, "tiny")
+
+
+def test_run_and_write(tmp_path, tiny_budget):
+    config = E2EConfig(model=TINY, dtypes=("float32",), query_lens=(1, 3), batches=(1, 2), prompt_len=6,
+                       threads=1, budget=tiny_budget, imagebind=False)
+    results = e2e.run(config)
+    assert [(r.query_len, r.batch, r.path) for r in results.rows] == [
+        (q, b, p) for q in (1, 3) for b in (1, 2) for p in e2e.PATHS]
+    for r in results.rows:
+        assert r.prefill_ms_p20 <= r.prefill_ms_p50 <= r.prefill_ms_p80
+        assert r.decode_ms_p20 <= r.decode_ms_p50 <= r.decode_ms_p80
+        assert r.decode_tokens_per_s == pytest.approx(r.batch / (r.decode_ms_p50 * 1e-3))
+    for p in results.points:
+        ms = {r.path: r for r in results.rows if (r.query_len, r.batch) == (p.query_len, p.batch)}
+        assert p.tokens_identical
+        assert p.ours_over_floor == pytest.approx(ms["ours"].decode_ms_p50 / ms["floor"].decode_ms_p50)
+        assert p.speedup_vs_upstream == pytest.approx(ms["upstream"].decode_ms_p50 / ms["ours"].decode_ms_p50)
+        assert p.met is None  # no target at these points
+    assert surgery.counts(surgery.build(TINY))["query_len"] == 3  # built fresh, untouched by the run
+    results.imagebind_note = "not measured: test"
+    files = {f.name for f in e2e.write(results, tmp_path)}
+    assert {"e2e.csv", "e2e.json", "e2e_points.csv", "e2e_points.json", "summary.md",
+            "e2e_decode_float32_b1.png", "e2e_decode_float32_b2.png"} == files
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert len(rows) == 12 and {"git_commit", "device_name", "torch", "timestamp"} <= set(rows[0])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "ImageBind" in summary and "not measured: test" in summary
+
+
+def test_targets_are_judged(tiny_budget):
+    config = E2EConfig(model=TINY, dtypes=("float32",), query_lens=(10,), batches=(1,), prompt_len=4, threads=1,
+                       budget=tiny_budget)
+    [point] = e2e.run(config).points
+    assert (point.target_ours_over_floor, point.target_speedup) == e2e.TARGETS[(10, 1)]
+    assert point.met == (point.ours_over_floor <= 1.10 and point.speedup_vs_upstream >= 1.2)
+
+
+def test_imagebind_hook_reads_the_rows_its_script_writes(tmp_path):
+    script = tmp_path / "imagebind_embed.py"
+    script.write_text(
+        "import argparse, json, pathlib\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--out'); p.add_argument('--quick', action='store_true')\n"
+        "a = p.parse_args()\n"
+        "rows = [{'modality': 'vision', 'batch': 1, 'items_per_s': 10.0, 'quick': a.quick}]\n"
+        "pathlib.Path(a.out, 'x.json').write_text(json.dumps({'rows': rows}))\n")
+    rows, note = e2e.imagebind_rows(tmp_path / "out", True, torch.device("cpu"), script=script)
+    assert rows == [{"modality": "vision", "batch": 1, "items_per_s": 10.0, "quick": True}]
+    assert "1 rows" in note
+    assert "| vision |" in e2e.imagebind_markdown(rows, note)
+
+
+def test_imagebind_hook_without_its_script_or_when_it_fails(tmp_path):
+    rows, note = e2e.imagebind_rows(tmp_path, False, torch.device("cpu"), script=tmp_path / "absent.py")
+    assert rows == [] and "absent" in note
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys\nprint('no weights here', file=sys.stderr)\nsys.exit(3)\n")
+    rows, note = e2e.imagebind_rows(tmp_path, False, torch.device("cpu"), script=failing)
+    assert rows == [] and "exited with 3" in note and "no weights here" in note

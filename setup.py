@@ -281,6 +281,7 @@ setup(
         "surgery.backbones": [
             "timm_vit = surgery_plugins.timm_vit",
             "llama_adapter_v2 = surgery_plugins.llama_adapter.plugin",
+            "imagebind = surgery_plugins.imagebind.plugin",
         ],
         "pytest11": ["surgery = surgery.testing"],
     },

@@ -56,6 +56,15 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle that would run code or build arbitrary objects; it was refused before running anything."""
 
 
+class ModelConfigError(SurgeryError, ValueError):
+    """A model configuration or option that cannot be built or used (e.g. an unknown head mode)."""
+
+
+class ModelInputError(SurgeryError, ValueError):
+    """Input a model cannot take (unknown modality, wrong rank, channels, size or dtype); raised
+    before anything is computed, so neither the model nor the input is changed."""
+
+
 class BenchmarkError(SurgeryError):
     """A benchmark that cannot run (bad option, missing profiler support) or whose results would be wrong."""
 
@@ -81,6 +90,8 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "ModelConfigError",
+    "ModelInputError",
     "BenchmarkError",
     "DeviceUnavailableError",
     "OutputMismatchError",

@@ -428,6 +428,17 @@ def test_bench_kernels_writes_rows_plots_and_a_summary(tmp_path, capsys):
     assert (tmp_path / "kernels_cpu_float32.png").exists() and (tmp_path / "summary.md").exists()
 
 
+def test_bench_kernels_quick_grid_runs_every_backend(tmp_path, capsys):
+    """The whole `--quick` grid, as documented (CI runs it so the benchmark never rots): every op
+    and every CPU backend, each checked against the reference and timed."""
+    code, out, err = cli(capsys, "bench", "kernels", "--quick", "--threads", "1", "--no-progress", "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"query_concat", "adapter_add", "adapter_attention"}
+    assert {"copy", "upstream", "compile", "cpp"} <= {r["backend"] for r in rows}
+    assert all(r["status"] == "ok" and r["ms_p50"] > 0 for r in rows)
+
+
 def test_bench_kernels_refuses_a_backend_whose_output_is_wrong(tmp_path, capsys, monkeypatch):
     from surgery.bench import kernels
 

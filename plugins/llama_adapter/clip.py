@@ -19,11 +19,10 @@ LLaMA_adapter state dict); `convert_openai_visual` maps them, `to_openai_visual`
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -32,9 +31,9 @@ from timm.layers import LayerNormFp32
 from timm.models.vision_transformer import VisionTransformer
 
 from surgery.errors import CheckpointError
+# CLIP's preprocessing lives in the core (ImageBind's vision encoder uses it too); re-exported here
+from surgery.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform, load_images
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # where the visual tower sits in the state dicts we meet, most specific first
 OPENAI_PREFIXES = ("clip.visual.", "visual.", "")
@@ -291,46 +290,6 @@ class ClipVision(VisionTransformer):
 
 
 # -- preprocessing --------------------------------------------------------------------------------
-
-
-def _to_rgb(image):
-    # a named function, not a lambda, so the transform pickles into DataLoader workers
-    return image.convert("RGB")
-
-
-def clip_transform(image_size: int = 224):
-    """CLIP's preprocessing: bicubic resize of the short side, center crop, RGB, [0, 1], normalize."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        _to_rgb,
-        T.ToTensor(),
-        T.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    ])
-
-
-ImageLike = Union[str, "os.PathLike[str]", "PIL.Image.Image"]  # noqa: F821
-
-
-def load_images(images: ImageLike | Sequence[ImageLike], image_size: int = 224) -> torch.Tensor:
-    """Paths and/or PIL images -> a (B, 3, S, S) fp32 batch ready for `ClipVision`."""
-    from PIL import Image
-
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        images = [images]
-    if not images:
-        raise ValueError("load_images needs at least one image")
-    transform = clip_transform(image_size)
-    batch = []
-    for item in images:
-        if isinstance(item, Image.Image):
-            batch.append(transform(item))
-        else:
-            with Image.open(item) as image:  # closes the file; the transform reads the pixels first
-                batch.append(transform(image))
-    return torch.stack(batch)  # (B, 3, S, S)
 
 
 __all__ = [

@@ -1,0 +1,157 @@
+"""Load ImageBind weights in the official layout (`imagebind_huge.pth`), at any CLS-token counts.
+
+    model = imagebind_huge(".checkpoints/imagebind_huge.pth")                     # as released
+    model = imagebind_huge(path, num_cls_tokens={"vision": 4}, init="copy")       # 4 vision CLS tokens
+    model = imagebind_huge(path, modalities=("vision", "text"), dtype=torch.bfloat16, device="cuda")
+    load_imagebind(model, path_or_state_dict)                                     # into a built model
+
+The official file is a plain state dict (1311 keys, upstream's key names; see
+`docs/imagebind.md`), read only with `torch.load(weights_only=True)` (or safetensors) through
+`surgery.checkpoint`, so a pickle that would run code is refused before anything in it runs.
+
+`imagebind_huge` builds the model on the `meta` device at the checkpoint's counts, makes the
+file's tensors its parameters (`assign=True`: 4.8 GB are never held twice), moves and casts them
+once, then changes the counts you asked for through the engine (so `surgery.recipe(model)` shows
+the growth and `surgery.tokens` can undo it). `load_imagebind` loads into a built model through
+`surgery.load_state_dict`: the model is resized to the checkpoint's counts (`mismatch="model"`)
+or the checkpoint's tokens are fitted to the model's (`mismatch="checkpoint"`), atomically.
+
+Keys of modalities the model does not have are skipped (a vision + text model loads from the
+full file); any other difference is a `CheckpointError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from surgery.checkpoint import _listing, read_checkpoint
+from surgery.errors import CheckpointError
+
+from .config import CLS_MODALITIES, MODALITIES, ImageBindConfig
+
+URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # upstream's release (nothing is downloaded here)
+GROUPS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
+
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict from a file (weights-only / safetensors) or a mapping (copied, never changed)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist (the released file: {URL})")
+    return read_checkpoint(path)[0]
+
+
+def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[str, ...]
+                     ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the entries of `modalities`, the other modalities present). A key outside upstream's four
+    groups, or of no known modality, means this is not an ImageBind checkpoint."""
+    foreign, kept, skipped = [], {}, set()
+    for key, value in state_dict.items():
+        group, _, rest = key.partition(".")
+        modality = rest.partition(".")[0]
+        if group not in GROUPS or modality not in MODALITIES:
+            foreign.append(key)
+        elif modality in modalities:
+            kept[key] = value
+        else:
+            skipped.add(modality)
+    if foreign:
+        raise CheckpointError(f"not an ImageBind checkpoint: {len(foreign)} of its {len(state_dict)} keys are not "
+                              f"'<{'|'.join(GROUPS)}>.<modality>.*' ({_listing(foreign)})")
+    if not kept:
+        raise CheckpointError(f"the checkpoint has none of the model's modalities ({', '.join(modalities)}); "
+                              f"it has {', '.join(sorted(skipped)) or 'no weights'}")
+    return kept, sorted(skipped)
+
+
+def _check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+              for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"{where} does not fit this ImageBind configuration: " + "; ".join(problems))
+
+
+def imagebind_huge(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | None = None, *,
+                   config: str | ImageBindConfig = "huge", num_cls_tokens: Mapping[str, int] | None = None,
+                   head_mode: str | Mapping[str, str] | None = None, modalities: tuple[str, ...] | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   init: str | Mapping[str, str] = "restore", seed: int = 0) -> nn.Module:
+    """The released model (random weights without `checkpoint`), in eval mode.
+
+    `num_cls_tokens` ({modality: k}) is applied after loading, through the engine, growing with
+    `init` (default: the site's `normal`, matched to the trained token; `copy`, `mean`, `zeros`,
+    `interpolate` also work) or shrinking with `truncate`."""
+    import surgery
+    from surgery.checkpoint import state_dict_counts
+
+    from .model import ImageBindModel
+
+    if isinstance(config, ImageBindConfig):
+        base = copy.deepcopy(config)
+        if modalities is not None:
+            base.modalities = {m: c for m, c in base.modalities.items() if m in modalities}
+            base.__post_init__()
+    else:
+        base = ImageBindConfig.named(config, modalities=modalities)
+    modes = {m: c.head_mode for m, c in base.modalities.items() if m in CLS_MODALITIES}
+    if head_mode is not None:
+        modes.update(head_mode if isinstance(head_mode, Mapping) else {m: head_mode for m in modes})
+    if checkpoint is None:
+        with torch.device(device):
+            model = ImageBindModel(base)
+        model = model.to(dtype) if dtype is not None else model
+    else:
+        state_dict = read_state_dict(checkpoint)
+        where = "the state dict" if isinstance(checkpoint, Mapping) else f"checkpoint {checkpoint}"
+        with torch.device("meta"):
+            probe = ImageBindModel(base)
+        state_dict, _ = split_modalities(state_dict, probe.modalities)
+        found = state_dict_counts(probe, state_dict)
+        counts = {name.rpartition(".")[2]: k for name, k in found.items() if name.rpartition(".")[2] != "text"}
+        fitted = ImageBindConfig(out_embed_dim=base.out_embed_dim, modalities=base.modalities,
+                                 text_logit_scale_init=base.text_logit_scale_init,
+                                 max_logit_scale=base.max_logit_scale)
+        for modality, k in counts.items():
+            fitted.modalities[modality].num_cls_tokens = k
+            fitted.modalities[modality].head_mode = "first"  # set after the counts are final
+        with torch.device("meta"):
+            model = ImageBindModel(fitted)
+        _check_fit(model, state_dict, where)
+        model.load_state_dict(state_dict, strict=True, assign=True)  # the file's tensors become the parameters
+        model = model.to(device=device, dtype=dtype)
+    model.eval()
+    if num_cls_tokens:
+        surgery.resize(model, **{f"num_cls_tokens.{m}": k for m, k in num_cls_tokens.items()}, init=init, seed=seed)
+    model.set_head_mode(modes)
+    return model
+
+
+def load_imagebind(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                   mismatch: str = "model", init: str | Mapping[str, str] = "restore", shrink: str = "truncate",
+                   seed: int = 0) -> Any:
+    """Load official-layout weights into a built `ImageBindModel` (any counts, any modality subset),
+    atomically: on any error the model is exactly as it was. Returns `surgery.checkpoint.LoadResult`."""
+    import surgery
+
+    from .model import ImageBindModel
+
+    if not isinstance(model, ImageBindModel):
+        raise CheckpointError(f"load_imagebind loads into an ImageBindModel, got {type(model).__name__}")
+    state_dict, _ = split_modalities(read_state_dict(source), model.modalities)
+    return surgery.load_state_dict(model, state_dict, mismatch=mismatch, init=init, shrink=shrink, seed=seed)
+
+
+__all__ = ["imagebind_huge", "load_imagebind", "read_state_dict", "split_modalities", "URL"]

@@ -1,0 +1,160 @@
+"""Backbone plugin for ImageBind: `num_cls_tokens.<modality>` as token sites.
+
+    num_cls_tokens.vision   cls_token (1, k, D) and the first k rows of
+    num_cls_tokens.audio        pos_embedding_helper.pos_embed (1, k + patches, D)
+    num_cls_tokens.depth    (same layout)
+    num_cls_tokens.thermal  (same layout)
+    num_cls_tokens.imu      cls_token and the first k rows of the preprocessor's own pos_embed
+    num_cls_tokens.text     fixed at 0: the causal mask and the EOT head leave no place for CLS
+                            tokens; asking for one is a CountError that says so
+
+Each site is applied by the core engine from its declaration (init strategies, atomicity, exact
+undo, recipes, checkpoints of other counts); the counters keep the preprocessor's
+`num_cls_tokens` (what the forward reads) and the model's config in step. At zero tokens the
+`cls_token` parameter is absent (no key), as in upstream's layout for `num_cls_tokens=0`.
+
+The head reads the CLS tokens according to its mode (`first`, `mean`, `all`); while a modality's
+head is in `mean` or `all` its site cannot go below 1 (`first` at 0 reads the first patch token,
+which is what upstream does with no CLS token).
+
+A caution (shown by `surgery inspect`): the released weights were trained with one CLS token per
+modality; more tokens start from the init strategy (default `normal`, matched to the existing
+token) and are an experiment until trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from surgery import hookimpl
+from surgery.site import Counter, TokenSite, TokenTensor
+
+from .config import CLS_MODALITIES, TEXT_CLS_REASON
+
+BACKBONE = "imagebind"
+SITE_PREFIX = "num_cls_tokens."
+
+
+def is_imagebind(model: nn.Module) -> bool:
+    from .model import ImageBindModel
+
+    return isinstance(model, ImageBindModel)
+
+
+def _key(paths: Mapping[int, str], module: nn.Module, name: str) -> str:
+    prefix = paths.get(id(module), "")
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _pos_owner(pre: nn.Module) -> nn.Module:
+    """The module holding the positional table whose first rows are the CLS rows."""
+    return pre if pre.modality == "imu" else pre.pos_embedding_helper
+
+
+def cls_site(model: nn.Module, modality: str) -> TokenSite:
+    pre = model.modality_preprocessors[modality]
+    pos_owner = _pos_owner(pre)
+    table = pos_owner.pos_embed
+    num_patches = pre.num_patches if modality == "imu" else pos_owner.num_patches
+    reads_cls = model.head_mode(modality) != "first"
+
+    def count_in_state_dict(state_dict, paths) -> int | None:
+        cls = state_dict.get(_key(paths, pre, "cls_token"))
+        if cls is not None:
+            return int(cls.shape[1]) if cls.dim() == 3 else None
+        rows = state_dict.get(_key(paths, pos_owner, "pos_embed"))
+        if rows is None or rows.dim() != 3 or rows.shape[1] < num_patches:
+            return None  # not this modality's layout: the key check names the problem
+        return int(rows.shape[1] - num_patches)
+
+    return TokenSite(
+        name=SITE_PREFIX + modality,
+        count=pre.num_cls_tokens,
+        tensors=[
+            TokenTensor(pre, "cls_token", axis=1,
+                        template=torch.empty(1, 0, table.shape[-1], dtype=table.dtype, device=table.device)),
+            TokenTensor(pos_owner, "pos_embed", axis=1, start=0, coupled=True),
+        ],
+        counters=[Counter(pre, "num_cls_tokens"), Counter(model.config.modalities[modality], "num_cls_tokens")],
+        min=1 if reads_cls else 0,
+        default_init="normal",
+        note=(f"the {modality} head is in mode {model.head_mode(modality)!r}, which reads the CLS tokens; "
+              f"set_head_mode('first') to go to 0") if reads_cls else "",
+        count_in_state_dict=count_in_state_dict,
+        description=f"{modality} CLS tokens: cls_token and the first rows of the positional embedding "
+                    f"(trained with 1; more are an experiment until trained)",
+    )
+
+
+def text_site(model: nn.Module) -> TokenSite:
+    return TokenSite(name=SITE_PREFIX + "text", count=0, min=0, max=0, note=TEXT_CLS_REASON,
+                     description="text has no CLS tokens (fixed at 0)")
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+
+@hookimpl
+def surgery_register_backbones(register):
+    register(BACKBONE, is_imagebind, description="ImageBind (six modalities into one embedding space): CLS tokens")
+
+
+@hookimpl
+def surgery_token_sites(model, backbone):
+    if backbone != BACKBONE:
+        return None
+    return [cls_site(model, m) if m in CLS_MODALITIES else text_site(model) for m in model.modalities]
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple[dict[str, torch.Tensor]]:
+    """Seeded inputs in upstream's shapes for every modality the model has, at its native sizes."""
+    gen = torch.Generator().manual_seed(0)
+    like = next(model.parameters())
+    inputs: dict[str, torch.Tensor] = {}
+    for modality, cfg in model.config.modalities.items():
+        if modality == "text":
+            n, vocab = cfg.context_length, cfg.vocab_size
+            ids = torch.randint(1, vocab - 2, (batch, n), generator=gen)
+            ends = torch.randint(2, n, (batch,), generator=gen)
+            ids[torch.arange(n) > ends[:, None]] = 0           # padding after the end, as the tokenizer does
+            ids[torch.arange(batch), ends] = vocab - 1           # EOT: the largest id
+            inputs[modality] = ids.to(like.device)
+            continue
+        if modality == "vision":
+            shape = (batch, cfg.in_chans, *cfg.input_size[1:])  # images
+        else:
+            shape = (batch, cfg.in_chans, *cfg.input_size)
+        inputs[modality] = torch.randn(*shape, generator=gen).to(device=like.device, dtype=like.dtype)
+    return (inputs,)
+
+
+def _factory(size: str, default_device: str = "cpu"):
+    def build(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              num_cls_tokens: Mapping[str, int] | None = None, head_mode: Any = None,
+              modalities: tuple[str, ...] | None = None) -> nn.Module:
+        from .config import ImageBindConfig
+        from .model import ImageBindModel
+
+        config = ImageBindConfig.named(size, num_cls_tokens=num_cls_tokens, head_mode=head_mode,
+                                       modalities=modalities)
+        with torch.device(device or default_device):
+            model = ImageBindModel(config)
+        return (model.to(dtype) if dtype is not None else model).eval()
+    return build
+
+
+MODELS = {
+    "imagebind_tiny_test": ("tiny", "cpu", "tiny ImageBind, all six modalities (width 32, 2 blocks) for tests"),
+    "imagebind_small": ("small", "cpu", "scaled-down ImageBind (width 256, 4 blocks) for quick benchmarks"),
+    "imagebind_huge": ("huge", "meta", "the released imagebind_huge architecture (1.2B parameters), on the meta "
+                                       "device unless device=... is given; load weights with load_imagebind"),
+}
+
+
+@hookimpl
+def surgery_register_models(register):
+    for name, (size, device, description) in MODELS.items():
+        register(name, _factory(size, device), BACKBONE, description=description, example_inputs=example_inputs)

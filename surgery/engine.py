@@ -43,7 +43,7 @@ class ModelState:
     so the journal can put the previous one back."""
 
     recipe: tuple[dict, ...] = ()
-    stash: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # tokens a truncate dropped
+    stash: Mapping[str, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)  # rows a truncate dropped
     model_name: str | None = None  # registered name, when built by `surgery.build`
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -137,24 +137,31 @@ class SiteChange:
     def _new_block(self, block: torch.Tensor) -> torch.Tensor:
         stash_key = f"{self.site.name}:{self.tensor_key}"
         stash = dict(model_state(self.model).stash)
-        stashed = stash.get(stash_key)
-        if stashed is not None and (stashed.shape[1:] != block.shape[1:] or stashed.dtype != block.dtype):
+        stashed = stash.get(stash_key)  # the dropped rows, as chunks in the order they come back
+        if stashed is not None and (stashed[0].shape[1:] != block.shape[1:] or stashed[0].dtype != block.dtype):
             stashed = None  # the table changed shape since (another site moved): nothing to restore
         if self.new < self.old:
             kept = strategies.SHRINK[self.shrink](block, self.new)
             if self.shrink == "truncate":
+                # newest in front; kept as chunks, because concatenating would copy every earlier
+                # stash again (a 128 MB stash, to drop 4 MB more)
                 dropped = block[self.new:].clone()
-                stash[stash_key] = dropped if stashed is None else torch.cat([dropped, stashed])
+                stash[stash_key] = (dropped,) if stashed is None else (dropped, *stashed)
                 _set_state(self.model, self.edit, stash=stash)
             return kept
         if self.init != strategies.RESTORE:
             return strategies.GROWTH[self.init](block, self.new, self.generator)
         if stashed is not None:
-            take = min(self.new - self.old, stashed.shape[0])
-            block = torch.cat([block, stashed[:take].to(block.device)])
-            rest = stashed[take:]
-            if rest.shape[0]:
-                stash[stash_key] = rest
+            need, taken, rest = self.new - self.old, [], list(stashed)
+            while need > 0 and rest:
+                chunk = rest.pop(0)
+                taken.append(chunk[:need].to(block.device))
+                if chunk.shape[0] > need:
+                    rest.insert(0, chunk[need:])
+                need -= taken[-1].shape[0]
+            block = torch.cat([block, *taken])
+            if rest:
+                stash[stash_key] = tuple(rest)
             else:
                 del stash[stash_key]
             _set_state(self.model, self.edit, stash=stash)

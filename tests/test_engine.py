@@ -158,6 +158,23 @@ def test_training_a_truncated_site_in_place_does_not_touch_the_kept_original(toy
     assert_same(before, snapshot(model))
 
 
+def test_repeated_truncations_stash_without_copying_earlier_rows_and_restore_in_order(toy_host):
+    """Each shrink stashes only the rows it drops (no concatenation with the earlier stash), and
+    growing back with `restore` returns all of them, in their original order, bit-exactly."""
+    model = make(prompts=6)
+    original = model.prompts.detach().clone()
+    surgery.resize(model, prompts=4, shrink="truncate")
+    first_chunk = surgery.engine.model_state(model).stash["prompts:prompts"][0]
+    surgery.resize(model, prompts=1, shrink="truncate")
+    chunks = surgery.engine.model_state(model).stash["prompts:prompts"]
+    assert [c.shape[0] for c in chunks] == [3, 2] and chunks[1] is first_chunk  # the earlier rows, not a copy
+    surgery.resize(model, prompts=3)  # restore takes from the front: rows 1 and 2
+    assert torch.equal(model.prompts, original[:3])
+    surgery.resize(model, prompts=6)
+    assert torch.equal(model.prompts, original)
+    assert surgery.engine.model_state(model).stash == {}
+
+
 def test_events_around_resize_and_tokens(toy_host):
     model = make(prompts=2)
     surgery.resize(model, prompts=3)

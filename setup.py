@@ -274,6 +274,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",  # surgery bench: the PNG plots
+        "regex",  # the ImageBind (CLIP BPE) tokenizer: unicode classes (\p{L}) the re module lacks
     ],
     extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
     entry_points={

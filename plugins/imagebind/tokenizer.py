@@ -12,7 +12,7 @@ collapsed), lower-cased and split with CLIP's pattern (needs the `regex` package
 Each row is `[SOT, tokens..., EOT, 0...]`; a text longer than the context is cut to
 `context - 1` tokens and EOT is appended, so it is never lost (upstream since PR #142).
 
-Optional packages: `regex` (required for this module), `ftfy` (upstream cleans with it; without
+Packages: `regex` (required for this module; a dependency of token-surgery), `ftfy` (upstream cleans with it; without
 it, text that needs its repairs - mojibake, curly quotes, full-width forms - tokenizes
 differently from upstream; plain text is identical).
 """

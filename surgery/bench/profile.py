@@ -135,7 +135,7 @@ def labelled_stages(model: nn.Module, ranges: _Ranges) -> Iterator[None]:
 
 
 def _self_time_key(device: torch.device) -> str:
-    return "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # torch >= 2.4 names
 
 
 def stage_times(events: Any) -> list[dict]:

@@ -63,7 +63,7 @@ inline void store512(void* p, __m512i v) {
 }
 
 template <typename scalar_t, bool kStream>
-inline void add_row_avx512(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
+inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (; i + 16 <= n; i += 16) {
@@ -107,21 +107,7 @@ inline void add_row_avx512(scalar_t* out, const scalar_t* a, const scalar_t* b, 
   add_tail(out, a, b, i, n);
 }
 
-constexpr bool kHasStreamingStores = true;
-
-template <typename scalar_t>
-inline void add_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, bool stream) {
-  // non-temporal 512-bit stores need a 64-byte aligned destination (rows of D = 4096 are)
-  if (stream && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
-    add_row_avx512<scalar_t, true>(out, a, b, n);
-  } else {
-    add_row_avx512<scalar_t, false>(out, a, b, n);
-  }
-}
-
-inline void stream_fence() {  // non-temporal stores are weakly ordered: fence before the task ends
-  _mm_sfence();
-}
+constexpr uintptr_t kStreamAlign = 64;  // non-temporal 512-bit stores need a 64-byte aligned destination
 
 #elif defined(CPU_CAPABILITY_AVX2)
 // Hand-written AVX2: ATen's generic bf16 <-> fp32 conversions (widening across 128-bit lanes,
@@ -149,7 +135,7 @@ inline void store256(void* p, __m256i v) {
 }
 
 template <typename scalar_t, bool kStream>
-inline void add_row_avx2(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
+inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (; i + 8 <= n; i += 8) {
@@ -181,21 +167,7 @@ inline void add_row_avx2(scalar_t* out, const scalar_t* a, const scalar_t* b, in
   add_tail(out, a, b, i, n);
 }
 
-constexpr bool kHasStreamingStores = true;
-
-template <typename scalar_t>
-inline void add_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, bool stream) {
-  // non-temporal stores need a 32-byte aligned destination (rows of any D, e.g. 4096, usually are)
-  if (stream && reinterpret_cast<uintptr_t>(out) % 32 == 0) {
-    add_row_avx2<scalar_t, true>(out, a, b, n);
-  } else {
-    add_row_avx2<scalar_t, false>(out, a, b, n);
-  }
-}
-
-inline void stream_fence() {  // non-temporal stores are weakly ordered: fence before the task ends
-  _mm_sfence();
-}
+constexpr uintptr_t kStreamAlign = 32;  // non-temporal 256-bit stores need a 32-byte aligned destination
 
 #else  // baseline: at::vec::Vectorized (SSE2 on x86-64, NEON on aarch64), regular stores
 
@@ -220,6 +192,26 @@ inline void add_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t
 }
 
 inline void stream_fence() {}
+
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+
+constexpr bool kHasStreamingStores = true;
+
+template <typename scalar_t>
+inline void add_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, bool stream) {
+  // streaming only into an aligned destination (rows of any usual D, e.g. 4096, are)
+  if (stream && reinterpret_cast<uintptr_t>(out) % kStreamAlign == 0) {
+    add_row_simd<scalar_t, true>(out, a, b, n);
+  } else {
+    add_row_simd<scalar_t, false>(out, a, b, n);
+  }
+}
+
+inline void stream_fence() {  // non-temporal stores are weakly ordered: fence before the task ends
+  _mm_sfence();
+}
 
 #endif
 

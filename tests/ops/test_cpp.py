@@ -112,6 +112,17 @@ def test_adapter_add_exact(dtype, L, B, Q, D, flat):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_add_large_output_streaming_path(dtype):
+    """Outputs of 8 MB and more take the other walk (q blocks, non-temporal stores): exact too,
+    with a row length that leaves a tail after the vector loop."""
+    L, B, Q, D = 8, 8, 8 if dtype == torch.float32 else 16, 4096 + 24  # 8.4 MB
+    adapter, vq = randn(L, Q, D, dtype=dtype), randn(B, Q, D, dtype=dtype)
+    out = S.adapter_add(adapter, vq)
+    assert out.numel() * out.element_size() >= 8 << 20
+    assert torch.equal(out, reference.adapter_add(adapter, vq))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_adapter_add_non_contiguous(dtype):
     L, B, Q, D = 3, 2, 4, 24
     table = randn(L + 2, Q + 3, D + 8, dtype=dtype)

@@ -138,32 +138,30 @@ def _torch_op(name: str) -> Callable:
     return getattr(torch.ops.surgery, name)
 
 
+def _run_with_out(op_name: str, a: Tensor, b: Tensor, out: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """The two ops with an `out=` form: checked inputs, dispatched to the chosen backend."""
+    name = _choose(backend, b.device)
+    if name == "eager":
+        result = getattr(reference, op_name)(a, b)
+        return result if out is None else out.copy_(result)
+    if name == "triton":
+        return getattr(_tri(), op_name)(a, b, out=out)
+    op = _torch_op(op_name)
+    return op(a, b) if out is None else op.out(a, b, out=out)
+
+
 def query_concat(queries: Tensor, feats: Tensor, *, out: Optional[Tensor] = None,
                  backend: Optional[str] = None) -> Tensor:
     """Broadcast the learned queries over the batch and put them in front of the features."""
     checks.query_concat(queries, feats, out)
-    name = _choose(backend, feats.device)
-    if name == "eager":
-        result = reference.query_concat(queries, feats)
-        return result if out is None else out.copy_(result)
-    if name == "triton":
-        return _tri().query_concat(queries, feats, out=out)
-    op = _torch_op("query_concat")
-    return op(queries, feats) if out is None else op.out(queries, feats, out=out)
+    return _run_with_out("query_concat", queries, feats, out, backend)
 
 
 def adapter_add(adapter: Tensor, visual_query: Tensor, *, out: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """Every adapted layer's dynamic adapter in one pass: (L, B, Q, D)."""
     checks.adapter_add(adapter, visual_query, out)
-    name = _choose(backend, visual_query.device)
-    if name == "eager":
-        result = reference.adapter_add(adapter, visual_query)
-        return result if out is None else out.copy_(result)
-    if name == "triton":
-        return _tri().adapter_add(adapter, visual_query, out=out)
-    op = _torch_op("adapter_add")
-    return op(adapter, visual_query) if out is None else op.out(adapter, visual_query, out=out)
+    return _run_with_out("adapter_add", adapter, visual_query, out, backend)
 
 
 def adapter_attention(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor] = None, *,

@@ -111,7 +111,8 @@ def test_head_modes_match_the_reference_with_several_cls_tokens():
         all_tokens = model(x, head_mode="all")
         first = model(x, head_mode="first")
     for m in CLS_MODALITIES:
-        torch.testing.assert_close(all_tokens[m][:, 0], first[m], atol=1e-6, rtol=0)
+        # the same token through the head at another batch shape: equal up to matmul rounding
+        torch.testing.assert_close(all_tokens[m][:, 0], first[m], atol=1e-6, rtol=2e-6)
 
 
 def test_interpolation_keeps_every_cls_row():

@@ -112,62 +112,72 @@ class SiteChange:
         for counter in self.site.counters:
             self.edit.set_attr(counter.target, counter.attr, counter.value_for(self.new))
 
+    @torch.no_grad()  # the new values are data, not a graph: nothing here is differentiated
     def resize_tensor(self, t: TokenTensor) -> None:
         """Replace `t`'s block of `old` tokens with `new` ones (init/shrink strategy, stash)."""
         self.tensor_key = self.key(t)
         viewed = t.viewed()
         axis = t.axis % viewed.dim()
-        before = viewed.narrow(axis, 0, t.start)
         block = viewed.narrow(axis, t.start, self.old).movedim(axis, 0)  # (old, *rest)
-        after = viewed.narrow(axis, t.start + self.old, viewed.shape[axis] - t.start - self.old)
+        # The new tensor is allocated once, in its stored layout: the rows around the block are
+        # copied over and the strategy writes the block's new rows straight into it, so a large
+        # growth makes no intermediate tensors of the site's size. It never shares memory with the
+        # old tensor, which is kept for an exact undo and must not change when the new one is
+        # trained in place.
+        shape = list(viewed.shape)
+        shape[axis] += self.new - self.old
+        new_viewed = viewed.new_empty(shape)
+        n_after = viewed.shape[axis] - t.start - self.old
+        new_viewed.narrow(axis, 0, t.start).copy_(viewed.narrow(axis, 0, t.start))
+        new_viewed.narrow(axis, t.start + self.new, n_after).copy_(viewed.narrow(axis, t.start + self.old, n_after))
+        rows = new_viewed.narrow(axis, t.start, self.new).movedim(axis, 0)  # (new, *rest), a view
         if t.anchor == "end":  # strategies work from the front: give them the block back to front
-            new_block = self._new_block(block.flip(0)).flip(0).movedim(0, axis)
+            front_first = block.new_empty(rows.shape)
+            self._new_block(block.flip(0), front_first)
+            rows.copy_(front_first.flip(0))
         else:
-            new_block = self._new_block(block).movedim(0, axis)
-        # The block is often the whole tensor: then concatenating would only copy it once more. But a
-        # block that is still a view of the old tensor (truncated) must be copied: the old tensor is
-        # kept for an exact undo and must not change when the new one is trained in place.
-        whole = before.shape[axis] == 0 and after.shape[axis] == 0
-        own = new_block.untyped_storage().data_ptr() != viewed.untyped_storage().data_ptr()
-        new_viewed = new_block if whole and own else torch.cat([before, new_block, after], dim=axis)
-        stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))
+            self._new_block(block, rows)
+        stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))  # a view: it is contiguous
         absent = self.new == 0 and t.template is not None
-        self.edit.set_tensor(t.module, t.name, None if absent else stored.contiguous(), t.requires_grad)
+        self.edit.set_tensor(t.module, t.name, None if absent else stored, t.requires_grad)
 
-    def _new_block(self, block: torch.Tensor) -> torch.Tensor:
+    def _new_block(self, block: torch.Tensor, out: torch.Tensor) -> None:
+        """Write the site's `new` rows for `block` ((old, *rest)) into `out` ((new, *rest))."""
         stash_key = f"{self.site.name}:{self.tensor_key}"
         stash = dict(model_state(self.model).stash)
         stashed = stash.get(stash_key)  # the dropped rows, as chunks in the order they come back
         if stashed is not None and (stashed[0].shape[1:] != block.shape[1:] or stashed[0].dtype != block.dtype):
             stashed = None  # the table changed shape since (another site moved): nothing to restore
         if self.new < self.old:
-            kept = strategies.SHRINK[self.shrink](block, self.new)
+            out.copy_(strategies.SHRINK[self.shrink](block, self.new))
             if self.shrink == "truncate":
                 # newest in front; kept as chunks, because concatenating would copy every earlier
                 # stash again (a 128 MB stash, to drop 4 MB more)
                 dropped = block[self.new:].clone()
                 stash[stash_key] = (dropped,) if stashed is None else (dropped, *stashed)
                 _set_state(self.model, self.edit, stash=stash)
-            return kept
+            return
         if self.init != strategies.RESTORE:
-            return strategies.GROWTH[self.init](block, self.new, self.generator)
+            strategies.GROWTH[self.init](block, self.new, self.generator, out=out)
+            return
+        out[: self.old].copy_(block)
+        have = self.old
         if stashed is not None:
-            need, taken, rest = self.new - self.old, [], list(stashed)
-            while need > 0 and rest:
+            rest = list(stashed)
+            while have < self.new and rest:
                 chunk = rest.pop(0)
-                taken.append(chunk[:need].to(block.device))
-                if chunk.shape[0] > need:
-                    rest.insert(0, chunk[need:])
-                need -= taken[-1].shape[0]
-            block = torch.cat([block, *taken])
+                taken = chunk[: self.new - have]
+                out[have:have + taken.shape[0]].copy_(taken)
+                if chunk.shape[0] > taken.shape[0]:
+                    rest.insert(0, chunk[taken.shape[0]:])
+                have += taken.shape[0]
             if rest:
                 stash[stash_key] = tuple(rest)
             else:
                 del stash[stash_key]
             _set_state(self.model, self.edit, stash=stash)
-        if block.shape[0] >= self.new:  # the stash held every row: nothing left to initialise
-            return block
-        return strategies.GROWTH[self.site.default_init](block, self.new, self.generator)
+        if have < self.new:  # rows the stash did not hold: the site's default init, from all rows so far
+            strategies.GROWTH[self.site.default_init](out[:have], self.new, self.generator, out=out)
 
 
 # -- resize / tokens -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ bit-exactly); `pool` averages the block down to m tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -24,7 +25,12 @@ from .errors import StrategyError
 # std of new tokens when there are none to match: timm's init for class and register tokens.
 EMPTY_NORMAL_STD = 1e-6
 
-Growth = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+# New tokens drawn by `normal` are made this many values at a time in a reused buffer, so a large
+# growth (246 new queries of a 31-layer, 4096-wide adapter: 31M values) never allocates its noise
+# as one more tensor of the site's size. See `_fill_normal` for why the values do not change.
+NORMAL_CHUNK = 1 << 20
+
+Growth = Callable[..., torch.Tensor]  # (block, m, generator, *, out=None) -> (m, *rest)
 Shrink = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -40,47 +46,117 @@ def _need_tokens(name: str, block: torch.Tensor) -> None:
         )
 
 
-def grow_zeros(block: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
-    new = block.new_zeros((m - block.shape[0], *block.shape[1:]))
-    return torch.cat([block, new])
+def _output(block: torch.Tensor, m: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Where a growth writes its m tokens: `out` (the engine passes the new tensor's rows, often a
+    strided view of it, so that nothing is built twice), or a new tensor."""
+    if out is None:
+        return block.new_empty((m, *block.shape[1:]))
+    if tuple(out.shape) != (m, *block.shape[1:]) or out.dtype != block.dtype:
+        raise StrategyError(f"growth output is {tuple(out.shape)} {out.dtype}; expected "
+                            f"{(m, *block.shape[1:])} {block.dtype}")
+    return out
 
 
-def grow_mean(block: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+def _keep(block: torch.Tensor, out: torch.Tensor) -> None:
+    """Put the existing tokens first. Nothing to do when `block` already is `out`'s first rows (the
+    engine's restore path hands over rows it has already placed)."""
+    head = out[: block.shape[0]]
+    already = (head.data_ptr() == block.data_ptr() and head.stride() == block.stride()
+               and head.device == block.device)
+    if not already:
+        head.copy_(block)
+
+
+def grow_zeros(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _output(block, m, out)
+    _keep(block, out)
+    out[block.shape[0]:].zero_()
+    return out
+
+
+def grow_mean(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.Tensor | None = None) -> torch.Tensor:
     _need_tokens("mean", block)
+    out = _output(block, m, out)
     mean = _float(block).mean(dim=0, keepdim=True)  # (1, *rest)
-    new = mean.expand(m - block.shape[0], *block.shape[1:]).to(block.dtype)
-    return torch.cat([block, new])
+    _keep(block, out)
+    new = out[block.shape[0]:]
+    new.copy_(mean.expand_as(new))  # rounded once to the table's dtype
+    return out
 
 
-def grow_normal(block: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+def grow_normal(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """New tokens ~ N(mean, std) of the existing ones: per-feature mean, the block's spread.
 
     The standard deviation is taken over all existing values around their per-feature means, so a
     single existing token still gives a scale. With no existing tokens: N(0, 1e-6), timm's init.
+    The values are `mean + torch.randn((m - n, *rest), generator=gen) * std` in float32, rounded
+    once to the block's dtype.
     """
-    k = m - block.shape[0]
-    noise = torch.randn((k, *block.shape[1:]), generator=gen, dtype=torch.float32)
+    out = _output(block, m, out)
     if block.shape[0] == 0:
-        new = noise * EMPTY_NORMAL_STD
+        mean, std = None, EMPTY_NORMAL_STD
     else:
         x = _float(block)
         mean = x.mean(dim=0, keepdim=True)  # (1, *rest)
         std = (x - mean).square().mean().sqrt() if x.shape[0] > 1 else x.std(correction=0)
-        new = mean + noise.to(mean.device) * std
-    return torch.cat([block, new.to(device=block.device, dtype=block.dtype)])
+    _keep(block, out)
+    _fill_normal(out[block.shape[0]:], gen, mean, std)
+    return out
 
 
-def grow_copy(block: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | None, std) -> None:
+    """new[...] = mean + randn(new.shape, generator=gen) * std, drawn a chunk of rows at a time.
+
+    torch draws normals on the CPU in groups of 16 from one uniform stream, so consecutive draws of
+    16k values each give exactly the values of one large draw (tests/test_strategies.py checks this
+    against a single `torch.randn`). Chunks are whole rows and a multiple of 16 values; the buffer
+    is reused, so the noise never exists as a full-size tensor, and each chunk is scaled in place
+    and written (cast, moved to the table's device) straight into its rows of `new`.
+    """
+    k, row = new.shape[0], math.prod(new.shape[1:])
+    if k == 0 or row == 0 or new.device.type == "meta":  # no values to make (a meta tensor has none)
+        return
+    # the arithmetic is done on the CPU, beside the generator: float32 `*` and `+` round the same
+    # on every device, so the values are the ones the block's device would have computed
+    mean = None if mean is None else mean.to("cpu")
+    std = std.to("cpu") if isinstance(std, torch.Tensor) else std
+    step = 16 // math.gcd(row, 16)  # rows per group whose values are a multiple of 16
+    rows = max(step, NORMAL_CHUNK // row // step * step)
+    # (a last chunk of under 16 values would be drawn another way: it joins the one before)
+    buffer = torch.empty(min(rows + 16, k) * row, dtype=torch.float32)
+    i = 0
+    while i < k:
+        n = min(rows, k - i)
+        if 0 < (k - i - n) * row < 16:
+            n = k - i
+        noise = buffer[: n * row].view(n, *new.shape[1:]).normal_(generator=gen)  # (n, *rest)
+        noise.mul_(std)
+        if mean is not None:
+            noise.add_(mean)
+        new[i:i + n].copy_(noise)
+        i += n
+
+
+def grow_copy(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """New token i is a copy of existing token i mod n (cycle the existing tokens)."""
     _need_tokens("copy", block)
-    index = torch.arange(block.shape[0], m, device=block.device) % block.shape[0]
-    return torch.cat([block, block.index_select(0, index)])
+    out = _output(block, m, out)
+    _keep(block, out)
+    n = block.shape[0]
+    for start in range(n, m, n):  # whole copies of the block, the last one cut short
+        out[start:start + n].copy_(block[: min(n, m - start)])
+    return out
 
 
-def grow_interpolate(block: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+def grow_interpolate(block: torch.Tensor, m: int, gen: torch.Generator, *,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Resample the n tokens to m by linear interpolation along the token axis (ends kept)."""
     _need_tokens("interpolate", block)
-    return _resample(block, m)
+    resampled = _resample(block, m)  # computed in full first: `block` may be `out`'s first rows
+    if out is None:
+        return resampled
+    _output(block, m, out).copy_(resampled)
+    return out
 
 
 def shrink_truncate(block: torch.Tensor, m: int) -> torch.Tensor:

@@ -123,6 +123,27 @@ def test_restore_then_default_for_rows_beyond_stash(toy_host):
     assert torch.equal(model.prompts[3:], torch.zeros(2, 8))  # the site's default (zeros)
 
 
+def test_normal_growth_of_a_table_axis_is_the_seeded_reference_draw(toy_host, monkeypatch):
+    """query_len is the Q axis of a flat (L*Q, D) table: its new rows are one seeded draw over
+    (new, L, D), matched to each layer's features, placed per layer; the old rows are kept."""
+    import zlib
+
+    from surgery import strategies
+
+    monkeypatch.setattr(strategies, "NORMAL_CHUNK", 32)  # several chunks even at this size
+    model = make(query_len=3, query_layer=2)
+    table = model.adapter.weight.detach().clone().view(2, 3, 8)  # (L, Q, D)
+    surgery.resize(model, query_len=13, seed=4)
+    block = table.movedim(1, 0)  # (Q, L, D)
+    mean = block.mean(0, keepdim=True)
+    std = (block - mean).square().mean().sqrt()
+    g = torch.Generator().manual_seed(4 + zlib.crc32(b"query_len"))
+    new = mean + torch.randn((10, 2, 8), generator=g) * std
+    expected = torch.cat([block, new]).movedim(0, 1).reshape(26, 8)
+    assert torch.equal(model.adapter.weight.detach(), expected)
+    assert model.adapter.weight.is_contiguous()
+
+
 def test_pool_then_interpolate(toy_host):
     model = make(prompts=4)
     p = model.prompts.detach().clone()

@@ -117,3 +117,53 @@ def test_every_strategy_gives_requested_count(n, m, seed):
     else:
         for fn in strategies.SHRINK.values():
             assert fn(b, m).shape == (m, 2)
+
+
+def reference_normal(b, m, seed):
+    """mean + randn((m - n, *rest)) * std in float32, rounded once: grow_normal's definition."""
+    x = b.float()
+    mean = x.mean(0, keepdim=True)
+    std = (x - mean).square().mean().sqrt() if b.shape[0] > 1 else x.std(correction=0)
+    noise = torch.randn((m - b.shape[0], *b.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([b, (mean + noise * std).to(b.dtype)])
+
+
+@pytest.mark.parametrize("rest", [(16,), (3, 5), (1,), (7,)])
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 20])
+def test_normal_drawn_in_chunks_is_one_seeded_draw(monkeypatch, rest, chunk):
+    """The chunked draw (any chunk size, rows of any width, a short last chunk) gives exactly the
+    values of a single torch.randn of all the new rows."""
+    monkeypatch.setattr(strategies, "NORMAL_CHUNK", chunk)
+    b = block(5, rest=rest) * 2.0 + 1.0
+    for m in (6, 5 + 17, 5 + 100):
+        out = strategies.grow_normal(b, m, torch.Generator().manual_seed(3))
+        assert torch.equal(out, reference_normal(b, m, 3)), (rest, chunk, m)
+
+
+@pytest.mark.parametrize("name", list(strategies.GROWTH))
+def test_growth_into_a_strided_view_equals_the_returned_form(monkeypatch, name):
+    """out= (the engine's rows of the new tensor, a strided view) gets the same values as the
+    allocating form, and nothing outside it is written."""
+    monkeypatch.setattr(strategies, "NORMAL_CHUNK", 24)
+    b = block(3, rest=(4, 5))
+    expected = strategies.GROWTH[name](b, 9, gen())
+    table = torch.full((4, 11, 5), float("nan"))  # (rest0, tokens + 2 spare, rest1)
+    rows = table[:, 1:10].movedim(1, 0)  # (9, 4, 5), not contiguous
+    assert strategies.GROWTH[name](b, 9, gen(), out=rows) is rows
+    assert torch.equal(table[:, 1:10].movedim(1, 0), expected)
+    assert table[:, 0].isnan().all() and table[:, 10].isnan().all()
+
+
+def test_growth_reads_a_block_that_is_the_front_of_out():
+    """The engine's restore path hands over rows already placed at the front of `out`."""
+    b = block(4, rest=(6,))
+    for name, fn in strategies.GROWTH.items():
+        out = torch.empty(10, 6)
+        out[:4] = b
+        fn(out[:4], 10, gen(), out=out)
+        assert torch.equal(out, fn(b, 10, gen())), name
+
+
+def test_growth_output_of_the_wrong_shape_is_refused():
+    with pytest.raises(StrategyError, match=r"expected \(6, 3, 4\)"):
+        strategies.grow_zeros(block(2), 6, gen(), out=torch.empty(6, 4, 3))

@@ -21,6 +21,11 @@ memory  extra bytes at the peak of the call, and retained after it, relative to 
         what the call allocated and still holds (e.g. the new site tensor, not net of the old one).
         GPU: torch.cuda.max_memory_allocated / memory_allocated, net. Target: peak <= 2x the
         site's bytes (the larger of before and after: a growth must at least allocate its new tensors)
+floor   what any implementation of the change must do, timed in the same run: allocate the site's
+        tensors at their new size and write each once (the kept rows copied, a growth's new rows
+        drawn with torch's seeded generator, as the default `normal` init does). A growth's cost
+        is bounded below by it: drawing 31M normal values and faulting in 128 MB for query_len
+        10 -> 256 take most of a swap. `over_floor` = time / floor.
 touched every aten op the call runs is recorded (a TorchDispatchMode) with its tensor inputs;
         an input that is a meta tensor (a base weight) or the storage of a tensor of the model
         other than the changed site's counts as touched. Target: none. After the call, every
@@ -79,6 +84,8 @@ class CostRow:
     other_tensors_touched: int
     touched: str  # names of the other tensors an op read or wrote ("" when none)
     memory_method: str
+    floor_ms: Optional[float] = None  # p50 of the same-run floor (None for "tokens exit": nothing to make)
+    over_floor: Optional[float] = None  # ms_p50 / floor_ms
     target_ms: Optional[float] = None
     met_time: Optional[bool] = None
     met_memory: bool = True
@@ -219,18 +226,47 @@ def memory_of(action: Callable[[], Any], device: torch.device) -> tuple[int, int
 
 
 def _row(action: str, site: str, change: str, device: torch.device, threads: int, times: list[float],
-         before: int, after: int, memory: tuple[int, int, str], touched: list[str]) -> CostRow:
+         before: int, after: int, memory: tuple[int, int, str], touched: list[str],
+         floor: Optional[list[float]]) -> CostRow:
     t = Timing.from_ms(times, "perf_counter")
     site_bytes = max(before, after)
     peak, retained, method = memory
     row = CostRow(action, site, change, str(device), threads, t.p20_ms, t.p50_ms, t.p80_ms, t.samples, before,
                   after, site_bytes, peak, retained, peak / site_bytes if site_bytes else 0.0, len(touched),
                   "; ".join(touched), method)
+    if floor:
+        row.floor_ms = Timing.from_ms(floor, "perf_counter").p50_ms
+        row.over_floor = t.p50_ms / row.floor_ms if row.floor_ms > 0 else None
     row.met_memory = peak <= MEMORY_TARGET * site_bytes
     row.met_untouched = not touched
     if action == "tokens swap":
         row.target_ms, row.met_time = SWAP_TARGET_MS, t.p50_ms < SWAP_TARGET_MS
     return row
+
+
+def floor_of(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """The least a change of the site's tensors from `start` to `end` ({key: tensor}) must do: a
+    new tensor of each end shape, written once: the rows both have copied, the rest (a growth's
+    new rows) drawn from a seeded generator in float32, as the `normal` init draws them."""
+    plan = []
+    for key, old in start.items():
+        shape = end[key].shape
+        kept = min(old.numel(), end[key].numel())
+        plan.append((old, shape, kept))
+    generator = torch.Generator().manual_seed(0)
+
+    def floor() -> None:
+        for old, shape, kept in plan:
+            flat = torch.empty(shape, dtype=old.dtype, device=old.device).view(-1)
+            flat[:kept].copy_(old.reshape(-1)[:kept])
+            if flat.numel() > kept:
+                noise = flat[kept:] if flat.dtype == torch.float32 and flat.is_cpu else torch.empty(
+                    flat.numel() - kept, dtype=torch.float32)
+                noise.normal_(generator=generator)
+                if noise.data_ptr() != flat[kept:].data_ptr():
+                    flat[kept:].copy_(noise)
+
+    return floor
 
 
 def measure_change(model: nn.Module, site: str, new: int, device: torch.device, threads: int,
@@ -239,10 +275,13 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
 
     old = surgery.counts(model)[site]
     change = f"{old} -> {new}"
+    at_old = dict(site_tensors(model, site).values())
     before = _nbytes(site_tensors(model, site))
     surgery.resize(model, **{site: new})
+    at_new = dict(site_tensors(model, site).values())
     after = _nbytes(site_tensors(model, site))
     surgery.resize(model, **{site: old})
+    floor_there, floor_back = floor_of(at_old, at_new), floor_of(at_new, at_old)
 
     def there() -> None:
         surgery.resize(model, **{site: new})
@@ -266,6 +305,8 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
 
     t_there, t_back = pairs(there, back, repeats, device)
     t_enter, t_exit = pairs(enter, leave, repeats, device)
+    f_there, f_back = pairs(floor_there, floor_back, repeats, device)
+    del at_new, floor_there, floor_back  # the tensors of the new count, held for the floor only
     # memory, then touches: one call each, alternating so that each starts from the state it was timed in
     mem = {"resize": memory_of(there, device), "resize back": memory_of(back, device),
            "tokens enter": memory_of(enter, device), "tokens exit": memory_of(leave, device),
@@ -275,11 +316,14 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
     touch["tokens swap"] = sorted(set(touch["tokens enter"] + touch["tokens exit"]))
     times = {"resize": t_there, "resize back": t_back, "tokens enter": t_enter, "tokens exit": t_exit,
              "tokens swap": [a + b for a, b in zip(t_enter, t_exit)]}
+    floors = {"resize": f_there, "resize back": f_back, "tokens enter": f_there, "tokens exit": None,
+              "tokens swap": f_there}  # leaving tokens(...) puts the old tensors back: nothing to make
     rows = []
     for action, ms in times.items():
         undo = action in ("resize back", "tokens exit")
         rows.append(_row(action, site, f"{new} -> {old}" if undo else change, device, threads, ms,
-                         after if undo else before, before if undo else after, mem[action], touch[action]))
+                         after if undo else before, before if undo else after, mem[action], touch[action],
+                         floors[action]))
     if surgery.counts(model)[site] != old:
         raise BenchmarkError(f"site {site!r} was left at {surgery.counts(model)[site]}, not {old}")
     return rows
@@ -310,18 +354,21 @@ def run(config: CostConfig, progress: bool = False) -> CostResults:
 
 
 def summary_markdown(results: CostResults) -> str:
-    headers = ["action", "site", "change", "ms p50", "p20", "p80", "site KB", "peak extra KB", "retained KB",
-               "peak / site", "other tensors touched", "met"]
+    headers = ["action", "site", "change", "ms p50", "p20", "p80", "floor ms", "ms / floor", "site KB",
+               "peak extra KB", "retained KB", "peak / site", "other tensors touched", "met"]
     table = []
     for r in results.rows:
         met = r.met_memory and r.met_untouched and (r.met_time is not False)
-        table.append([r.action, r.site, r.change, r.ms_p50, r.ms_p20, r.ms_p80, f"{r.site_bytes / 1024:.1f}",
+        floor = ("-", "-") if r.floor_ms is None else (r.floor_ms, f"{r.over_floor:.2f}" if r.over_floor else "-")
+        table.append([r.action, r.site, r.change, r.ms_p50, r.ms_p20, r.ms_p80, *floor, f"{r.site_bytes / 1024:.1f}",
                       f"{r.peak_extra_bytes / 1024:.1f}", f"{r.retained_extra_bytes / 1024:.1f}",
                       f"{r.peak_over_site:.2f}", str(r.other_tensors_touched), met])
     return (f"Model {results.env.get('model')}: {results.base_bytes / 1e9:.2f} GB of tensors on the meta device, "
             f"{results.materialised_bytes / 1e6:.2f} MB materialised (the sites' tensors, {results.env.get('dtype')}). "
             f"Targets: a swap (tokens enter + exit) under {SWAP_TARGET_MS:.0f} ms, peak extra memory <= "
-            f"{MEMORY_TARGET:.0f}x the site's bytes, no other tensor touched. Memory: "
+            f"{MEMORY_TARGET:.0f}x the site's bytes, no other tensor touched. Floor: the same-run time to "
+            f"allocate the site's tensors at the new count and write them once (new rows drawn with torch's "
+            f"seeded generator). Memory: "
             f"{results.rows[0].memory_method if results.rows else '-'}.\n\n"
             + report.markdown_table(headers, table))
 

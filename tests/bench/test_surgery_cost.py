@@ -73,6 +73,12 @@ def test_measure_a_change_and_write(model, tmp_path):
         assert r.ms_p20 <= r.ms_p50 <= r.ms_p80 and r.samples == 2
     assert by["resize"].peak_extra_bytes >= after  # a growth allocates at least its new tensors
     assert by["tokens enter"].retained_extra_bytes >= after  # held while inside the block
+    for r in rows:  # the same-run floor: every action that makes tensors has one, leaving tokens(...) none
+        if r.action == "tokens exit":
+            assert r.floor_ms is None and r.over_floor is None
+        else:
+            assert r.floor_ms > 0 and r.over_floor == pytest.approx(r.ms_p50 / r.floor_ms)
+    assert by["tokens swap"].floor_ms == by["tokens enter"].floor_ms == by["resize"].floor_ms
     assert by["tokens swap"].target_ms == 50.0 and by["tokens swap"].met_time == (by["tokens swap"].ms_p50 < 50)
     results = sc.CostResults(rows=rows, env={"model": "m", "dtype": "float32", "device_name": "x"},
                              base_bytes=1, materialised_bytes=before)
@@ -85,3 +91,24 @@ def test_query_layer_change_touches_nothing_else(model):
     rows = sc.measure_change(model, "query_layer", 8, CPU, 1, repeats=1)
     assert all(r.other_tensors_touched == 0 for r in rows)
     assert rows[0].site_bytes_before == 4 * 310 * 4096 and rows[0].site_bytes_after == 4 * 80 * 4096
+
+
+def test_the_floor_makes_tensors_of_the_new_shape():
+    """floor_of allocates each end shape and writes it once: the kept rows copied, new rows drawn."""
+    start = {"a": torch.arange(6.0).reshape(3, 2)}
+    end = {"a": torch.empty(5, 2)}
+    made = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        made.append(real_empty(*args, **kwargs))
+        return made[-1]
+
+    floor = sc.floor_of(start, end)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", spy)
+        floor()
+    assert made[0].shape == (5, 2)
+    assert torch.equal(made[0][:3], start["a"])  # kept rows copied
+    drawn = real_empty(4).normal_(generator=torch.Generator().manual_seed(0))  # new rows: a seeded draw
+    assert torch.equal(made[0][3:].reshape(-1), drawn)

@@ -131,36 +131,60 @@ class SiteChange:
         new_viewed.narrow(axis, 0, t.start).copy_(viewed.narrow(axis, 0, t.start))
         new_viewed.narrow(axis, t.start + self.new, n_after).copy_(viewed.narrow(axis, t.start + self.old, n_after))
         rows = new_viewed.narrow(axis, t.start, self.new).movedim(axis, 0)  # (new, *rest), a view
-        if t.anchor == "end":  # strategies work from the front: give them the block back to front
-            front_first = block.new_empty(rows.shape)
-            self._new_block(block.flip(0), front_first)
-            rows.copy_(front_first.flip(0))
+        if t.anchor == "end":
+            # Strategies work from the front: they get the block back to front, and the rows they
+            # write are turned around again in place, a few at a time (no flipped full-size copies).
+            if self.new >= self.old:
+                _copy_reversed(rows[: self.old], block)
+                self._new_block(rows[: self.old], rows)
+            elif self.shrink == "truncate":  # keep the last rows; the first ones go to the stash
+                rows.copy_(block[self.old - self.new:])
+                dropped = block.new_empty((self.old - self.new, *block.shape[1:]))
+                _copy_reversed(dropped, block[: self.old - self.new])  # back to front, as they return
+                self._stash(dropped)
+                return self._set(t, new_viewed)
+            else:
+                front_first = block.new_empty(block.shape)
+                _copy_reversed(front_first, block)
+                self._new_block(front_first, rows)
+            _reverse_rows_(rows)
         else:
             self._new_block(block, rows)
+        self._set(t, new_viewed)
+
+    def _set(self, t: TokenTensor, new_viewed: torch.Tensor) -> None:
         stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))  # a view: it is contiguous
         absent = self.new == 0 and t.template is not None
         self.edit.set_tensor(t.module, t.name, None if absent else stored, t.requires_grad)
 
+    def _stash(self, dropped: torch.Tensor) -> None:
+        """Keep rows a truncate dropped (front first: the order they come back in) for `restore`.
+        Newest in front, kept as chunks: concatenating would copy every earlier stash again (a 128 MB
+        stash, to drop 4 MB more)."""
+        stash_key = f"{self.site.name}:{self.tensor_key}"
+        stash = dict(model_state(self.model).stash)
+        stashed = stash.get(stash_key)
+        if stashed is not None and (stashed[0].shape[1:] != dropped.shape[1:] or stashed[0].dtype != dropped.dtype):
+            stashed = None  # the table changed shape since (another site moved): nothing to restore
+        stash[stash_key] = (dropped,) if stashed is None else (dropped, *stashed)
+        _set_state(self.model, self.edit, stash=stash)
+
     def _new_block(self, block: torch.Tensor, out: torch.Tensor) -> None:
         """Write the site's `new` rows for `block` ((old, *rest)) into `out` ((new, *rest))."""
+        if self.new < self.old:
+            out.copy_(strategies.SHRINK[self.shrink](block, self.new))
+            if self.shrink == "truncate":
+                self._stash(block[self.new:].clone())
+            return
+        if self.init != strategies.RESTORE:
+            strategies.GROWTH[self.init](block, self.new, self.generator, out=out)
+            return
         stash_key = f"{self.site.name}:{self.tensor_key}"
         stash = dict(model_state(self.model).stash)
         stashed = stash.get(stash_key)  # the dropped rows, as chunks in the order they come back
         if stashed is not None and (stashed[0].shape[1:] != block.shape[1:] or stashed[0].dtype != block.dtype):
             stashed = None  # the table changed shape since (another site moved): nothing to restore
-        if self.new < self.old:
-            out.copy_(strategies.SHRINK[self.shrink](block, self.new))
-            if self.shrink == "truncate":
-                # newest in front; kept as chunks, because concatenating would copy every earlier
-                # stash again (a 128 MB stash, to drop 4 MB more)
-                dropped = block[self.new:].clone()
-                stash[stash_key] = (dropped,) if stashed is None else (dropped, *stashed)
-                _set_state(self.model, self.edit, stash=stash)
-            return
-        if self.init != strategies.RESTORE:
-            strategies.GROWTH[self.init](block, self.new, self.generator, out=out)
-            return
-        out[: self.old].copy_(block)
+        strategies.keep(block, out)
         have = self.old
         if stashed is not None:
             rest = list(stashed)
@@ -178,6 +202,31 @@ class SiteChange:
             _set_state(self.model, self.edit, stash=stash)
         if have < self.new:  # rows the stash did not hold: the site's default init, from all rows so far
             strategies.GROWTH[self.site.default_init](out[:have], self.new, self.generator, out=out)
+
+
+def _chunk_rows(x: torch.Tensor) -> int:
+    """Rows per temporary when turning rows around: at most 4 MB and 1/16 of the tensor."""
+    row_bytes = max(1, x[:1].numel() * x.element_size())
+    return max(1, min(4 << 20, x.numel() * x.element_size() // 16) // row_bytes)
+
+
+def _copy_reversed(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[i] = src[n - 1 - i] along dim 0, through temporaries of a few rows."""
+    n, step = src.shape[0], _chunk_rows(src)
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        dst[i:i + k].copy_(src[n - i - k:n - i].flip(0))
+
+
+def _reverse_rows_(x: torch.Tensor) -> None:
+    """Reverse x along dim 0 in place, swapping a few rows from each end at a time."""
+    n, step = x.shape[0], _chunk_rows(x)
+    for i in range(0, n // 2, step):
+        k = min(step, n // 2 - i)
+        front, back = x[i:i + k], x[n - i - k:n - i]
+        saved = front.clone()
+        front.copy_(back.flip(0))
+        back.copy_(saved.flip(0))
 
 
 # -- resize / tokens -----------------------------------------------------------------------------

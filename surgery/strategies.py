@@ -57,7 +57,7 @@ def _output(block: torch.Tensor, m: int, out: torch.Tensor | None) -> torch.Tens
     return out
 
 
-def _keep(block: torch.Tensor, out: torch.Tensor) -> None:
+def keep(block: torch.Tensor, out: torch.Tensor) -> None:
     """Put the existing tokens first. Nothing to do when `block` already is `out`'s first rows (the
     engine's restore path hands over rows it has already placed)."""
     head = out[: block.shape[0]]
@@ -69,7 +69,7 @@ def _keep(block: torch.Tensor, out: torch.Tensor) -> None:
 
 def grow_zeros(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.Tensor | None = None) -> torch.Tensor:
     out = _output(block, m, out)
-    _keep(block, out)
+    keep(block, out)
     out[block.shape[0]:].zero_()
     return out
 
@@ -78,7 +78,7 @@ def grow_mean(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.T
     _need_tokens("mean", block)
     out = _output(block, m, out)
     mean = _float(block).mean(dim=0, keepdim=True)  # (1, *rest)
-    _keep(block, out)
+    keep(block, out)
     new = out[block.shape[0]:]
     new.copy_(mean.expand_as(new))  # rounded once to the table's dtype
     return out
@@ -95,13 +95,34 @@ def grow_normal(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch
     out = _output(block, m, out)
     if block.shape[0] == 0:
         mean, std = None, EMPTY_NORMAL_STD
+    elif block.shape[0] == 1:
+        mean, std = _float(block), _float(block).std(correction=0)
     else:
-        x = _float(block)
-        mean = x.mean(dim=0, keepdim=True)  # (1, *rest)
-        std = (x - mean).square().mean().sqrt() if x.shape[0] > 1 else x.std(correction=0)
-    _keep(block, out)
+        mean, std = mean_and_spread(block)
+    keep(block, out)
     _fill_normal(out[block.shape[0]:], gen, mean, std)
     return out
+
+
+def mean_and_spread(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean (1, *rest) and the spread sqrt(mean over features of the per-feature
+    variance) of a block of n >= 2 tokens, in float32.
+
+    Computed a slice of features at a time, so a large table (or a bf16 one, widened to float32)
+    never gets a temporary of its own size: a growth stays within twice the site's bytes.
+    """
+    n, rest = block.shape[0], block.shape[1:]
+    if not rest:
+        variance, mean = torch.var_mean(_float(block), dim=0, correction=0, keepdim=True)
+        return mean, variance.sqrt()[0]
+    mean = torch.empty((1, *rest), dtype=torch.float32, device=block.device)
+    total = torch.zeros((), dtype=torch.float64, device=block.device)
+    step = max(1, NORMAL_CHUNK // (n * math.prod(rest[1:]) or 1))
+    for j in range(0, rest[0], step):
+        part = _float(block[:, j:j + step])  # (n, s, *rest[1:])
+        variance, mean[:, j:j + step] = torch.var_mean(part, dim=0, correction=0, keepdim=True)
+        total += variance.sum(dtype=torch.float64)
+    return mean, (total / math.prod(rest)).sqrt().float()
 
 
 def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | None, std) -> None:
@@ -141,7 +162,7 @@ def grow_copy(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch.T
     """New token i is a copy of existing token i mod n (cycle the existing tokens)."""
     _need_tokens("copy", block)
     out = _output(block, m, out)
-    _keep(block, out)
+    keep(block, out)
     n = block.shape[0]
     for start in range(n, m, n):  # whole copies of the block, the last one cut short
         out[start:start + n].copy_(block[: min(n, m - start)])

@@ -134,13 +134,15 @@ def test_normal_growth_of_a_table_axis_is_the_seeded_reference_draw(toy_host, mo
     model = make(query_len=3, query_layer=2)
     table = model.adapter.weight.detach().clone().view(2, 3, 8)  # (L, Q, D)
     surgery.resize(model, query_len=13, seed=4)
-    block = table.movedim(1, 0)  # (Q, L, D)
+    block = table.movedim(1, 0).double()  # (Q, L, D)
     mean = block.mean(0, keepdim=True)
     std = (block - mean).square().mean().sqrt()
     g = torch.Generator().manual_seed(4 + zlib.crc32(b"query_len"))
-    new = mean + torch.randn((10, 2, 8), generator=g) * std
+    new = mean + torch.randn((10, 2, 8), generator=g).double() * std
     expected = torch.cat([block, new]).movedim(0, 1).reshape(26, 8)
-    assert torch.equal(model.adapter.weight.detach(), expected)
+    grown = model.adapter.weight.detach()
+    assert torch.equal(grown.view(2, 13, 8)[:, :3], table)  # the old rows, bit for bit
+    torch.testing.assert_close(grown.double(), expected, rtol=1e-6, atol=1e-6)  # float32 rounding only
     assert model.adapter.weight.is_contiguous()
 
 
@@ -384,5 +386,30 @@ def test_end_anchored_block_grows_in_front_and_truncates_from_front(toy_host, mo
     surgery.resize(model, query_layer=4)  # restore: the dropped row comes back, then the default (zeros)
     grown = model.adapter.weight.view(4, 2, 8)
     assert torch.equal(grown[0], torch.zeros(2, 8)) and torch.equal(grown[1:], table)
+    # several rows dropped from the front, in steps, come back in place bit for bit
+    model = make(query_len=2, query_layer=4)
+    table = model.adapter.weight.detach().clone().view(4, 2, 8)
+    surgery.resize(model, query_layer=3)
+    surgery.resize(model, query_layer=1)
+    assert torch.equal(model.adapter.weight.view(1, 2, 8), table[3:])
+    surgery.resize(model, query_layer=2)
+    assert torch.equal(model.adapter.weight.view(2, 2, 8), table[2:])
+    surgery.resize(model, query_layer=4)
+    assert torch.equal(model.adapter.weight.view(4, 2, 8), table)
     with pytest.raises(ValueError, match="anchor"):
         surgery.TokenTensor(model, "prompts", axis=0, anchor="middle")
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 8])
+@pytest.mark.parametrize("step", [1, 2, 3, 100])
+def test_rows_are_reversed_a_few_at_a_time(monkeypatch, n, step):
+    """The end-anchored path turns rows around through small temporaries: same as torch.flip."""
+    from surgery import engine
+
+    monkeypatch.setattr(engine, "_chunk_rows", lambda x: step)
+    src = torch.arange(n * 6.0).reshape(n, 2, 3)
+    dst = torch.empty(2, n, 3).movedim(1, 0)  # a strided destination, as the engine's rows are
+    engine._copy_reversed(dst, src)
+    assert torch.equal(dst, src.flip(0))
+    engine._reverse_rows_(dst)
+    assert torch.equal(dst, src)

@@ -119,11 +119,29 @@ def test_every_strategy_gives_requested_count(n, m, seed):
             assert fn(b, m).shape == (m, 2)
 
 
-def reference_normal(b, m, seed):
-    """mean + randn((m - n, *rest)) * std in float32, rounded once: grow_normal's definition."""
-    x = b.float()
+def spread(b):
+    """The definition, in float64: per-feature means, one spread around them over all values."""
+    x = b.double()
     mean = x.mean(0, keepdim=True)
-    std = (x - mean).square().mean().sqrt() if b.shape[0] > 1 else x.std(correction=0)
+    return mean, (x - mean).square().mean().sqrt()
+
+
+@pytest.mark.parametrize("shape", [(2,), (5, 16), (3, 4, 5), (40, 7, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_and_spread_by_slices_is_the_definition(monkeypatch, shape, dtype):
+    monkeypatch.setattr(strategies, "NORMAL_CHUNK", 50)  # many slices of features
+    b = (block(shape[0], rest=shape[1:]) * 3 + 1).to(dtype)
+    mean, std = strategies.mean_and_spread(b)
+    want_mean, want_std = spread(b)
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == (1, *shape[1:])
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(std.double(), want_std, rtol=1e-6, atol=0)
+
+
+def reference_normal(b, m, seed):
+    """mean + randn((m - n, *rest)) * std in float32, rounded once: grow_normal's definition
+    (the statistics are checked against theirs above)."""
+    mean, std = strategies.mean_and_spread(b)
     noise = torch.randn((m - b.shape[0], *b.shape[1:]), generator=torch.Generator().manual_seed(seed))
     return torch.cat([b, (mean + noise * std).to(b.dtype)])
 

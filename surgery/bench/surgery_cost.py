@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..engine import STATE_ATTR
 from . import BenchmarkError, report
 from .timing import Timing, pairs, resolve_device, set_threads, synchronize
 
@@ -275,12 +276,15 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
 
     old = surgery.counts(model)[site]
     change = f"{old} -> {new}"
-    at_old = dict(site_tensors(model, site).values())
-    before = _nbytes(site_tensors(model, site))
-    surgery.resize(model, **{site: new})
-    at_new = dict(site_tensors(model, site).values())
-    after = _nbytes(site_tensors(model, site))
-    surgery.resize(model, **{site: old})
+    # what the engine keeps on the model (the recipe, the rows a truncate stashed), put back after
+    # every undo: each call then starts from the same state, and a growth draws its new rows rather
+    # than restoring those the previous "resize back" stashed
+    state = model.__dict__.get(STATE_ATTR)
+    at_old = {key: t.detach() for key, t in site_tensors(model, site).values()}  # parameters keep their
+    before = _nbytes(site_tensors(model, site))  # identity across a resize: hold the data itself
+    with surgery.tokens(model, **{site: new}):
+        at_new = {key: t.detach() for key, t in site_tensors(model, site).values()}
+        after = _nbytes(site_tensors(model, site))
     floor_there, floor_back = floor_of(at_old, at_new), floor_of(at_new, at_old)
 
     def there() -> None:
@@ -288,6 +292,7 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
 
     def back() -> None:
         surgery.resize(model, **{site: old})
+        model.__dict__[STATE_ATTR] = state
 
     holder: list = []
 
@@ -324,8 +329,9 @@ def measure_change(model: nn.Module, site: str, new: int, device: torch.device, 
         rows.append(_row(action, site, f"{new} -> {old}" if undo else change, device, threads, ms,
                          after if undo else before, before if undo else after, mem[action], touch[action],
                          floors[action]))
-    if surgery.counts(model)[site] != old:
-        raise BenchmarkError(f"site {site!r} was left at {surgery.counts(model)[site]}, not {old}")
+    if surgery.counts(model)[site] != old or model.__dict__.get(STATE_ATTR) is not state:
+        raise BenchmarkError(f"site {site!r} was left at {surgery.counts(model)[site]}, not {old}, or the "
+                             f"engine's state on the model was not put back")
     return rows
 
 

@@ -104,6 +104,11 @@ def grow_normal(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch
     return out
 
 
+def _chunk(t: torch.Tensor) -> int:
+    """Values per temporary: NORMAL_CHUNK, and at most 1/16 of the tensor (small sites stay small)."""
+    return max(16, min(NORMAL_CHUNK, t.numel() // 16))
+
+
 def mean_and_spread(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean (1, *rest) and the spread sqrt(mean over features of the per-feature
     variance) of a block of n >= 2 tokens, in float32.
@@ -113,16 +118,17 @@ def mean_and_spread(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n, rest = block.shape[0], block.shape[1:]
     if not rest:
-        variance, mean = torch.var_mean(_float(block), dim=0, correction=0, keepdim=True)
-        return mean, variance.sqrt()[0]
+        x = _float(block)
+        mean = x.mean(dim=0, keepdim=True)
+        return mean, (x - mean).square().mean().sqrt()
     mean = torch.empty((1, *rest), dtype=torch.float32, device=block.device)
-    total = torch.zeros((), dtype=torch.float64, device=block.device)
-    step = max(1, NORMAL_CHUNK // (n * math.prod(rest[1:]) or 1))
+    squares = torch.zeros((), dtype=torch.float64, device=block.device)  # sum of squared deviations
+    step = max(1, _chunk(block) // (n * math.prod(rest[1:]) or 1))
     for j in range(0, rest[0], step):
         part = _float(block[:, j:j + step])  # (n, s, *rest[1:])
-        variance, mean[:, j:j + step] = torch.var_mean(part, dim=0, correction=0, keepdim=True)
-        total += variance.sum(dtype=torch.float64)
-    return mean, (total / math.prod(rest)).sqrt().float()
+        mean[:, j:j + step] = part_mean = part.mean(dim=0, keepdim=True)
+        squares += torch.sub(part, part_mean).square_().sum(dtype=torch.float64)
+    return mean, (squares / block.numel()).sqrt().float()
 
 
 def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | None, std) -> None:
@@ -142,7 +148,7 @@ def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | N
     mean = None if mean is None else mean.to("cpu")
     std = std.to("cpu") if isinstance(std, torch.Tensor) else std
     step = 16 // math.gcd(row, 16)  # rows per group whose values are a multiple of 16
-    rows = max(step, NORMAL_CHUNK // row // step * step)
+    rows = max(step, _chunk(new) // row // step * step)
     # (a last chunk of under 16 values would be drawn another way: it joins the one before)
     buffer = torch.empty(min(rows + 16, k) * row, dtype=torch.float32)
     i = 0

@@ -135,8 +135,8 @@ def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | N
     """new[...] = mean + randn(new.shape, generator=gen) * std, drawn a chunk of rows at a time.
 
     torch draws normals on the CPU in groups of 16 from one uniform stream, so consecutive draws of
-    16k values each give exactly the values of one large draw (tests/test_strategies.py checks this
-    against a single `torch.randn`). Chunks are whole rows and a multiple of 16 values; the buffer
+    a multiple of 16 values each give exactly the values of one large draw (tests/test_strategies.py
+    checks this against a single `torch.randn`). Chunks are whole rows and a multiple of 16 values; the buffer
     is reused, so the noise never exists as a full-size tensor, and each chunk is scaled in place
     and written (cast, moved to the table's device) straight into its rows of `new`.
     """

@@ -131,42 +131,44 @@ class SiteChange:
         new_viewed.narrow(axis, 0, t.start).copy_(viewed.narrow(axis, 0, t.start))
         new_viewed.narrow(axis, t.start + self.new, n_after).copy_(viewed.narrow(axis, t.start + self.old, n_after))
         rows = new_viewed.narrow(axis, t.start, self.new).movedim(axis, 0)  # (new, *rest), a view
-        if t.anchor == "end":
+        if t.anchor != "end":
+            self._new_block(block, rows)
+        elif self.new < self.old and self.shrink == "truncate":  # keep the last rows, stash the first
+            rows.copy_(block[self.old - self.new:])
+            dropped = block.new_empty((self.old - self.new, *block.shape[1:]))
+            _copy_reversed(dropped, block[: self.old - self.new])  # back to front, as they return
+            self._stash(dropped)
+        else:
             # Strategies work from the front: they get the block back to front, and the rows they
             # write are turned around again in place, a few at a time (no flipped full-size copies).
             if self.new >= self.old:
                 _copy_reversed(rows[: self.old], block)
                 self._new_block(rows[: self.old], rows)
-            elif self.shrink == "truncate":  # keep the last rows; the first ones go to the stash
-                rows.copy_(block[self.old - self.new:])
-                dropped = block.new_empty((self.old - self.new, *block.shape[1:]))
-                _copy_reversed(dropped, block[: self.old - self.new])  # back to front, as they return
-                self._stash(dropped)
-                return self._set(t, new_viewed)
             else:
                 front_first = block.new_empty(block.shape)
                 _copy_reversed(front_first, block)
                 self._new_block(front_first, rows)
             _reverse_rows_(rows)
-        else:
-            self._new_block(block, rows)
-        self._set(t, new_viewed)
-
-    def _set(self, t: TokenTensor, new_viewed: torch.Tensor) -> None:
         stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))  # a view: it is contiguous
         absent = self.new == 0 and t.template is not None
         self.edit.set_tensor(t.module, t.name, None if absent else stored, t.requires_grad)
+
+    def _stashed(self, like: torch.Tensor) -> tuple[str, dict, tuple[torch.Tensor, ...] | None]:
+        """The stash key, a copy of the model's stash, and this tensor's stashed rows (as chunks in
+        the order they come back), or None when there are none for rows shaped like `like`."""
+        key = f"{self.site.name}:{self.tensor_key}"
+        stash = dict(model_state(self.model).stash)
+        stashed = stash.get(key)
+        if stashed is not None and (stashed[0].shape[1:] != like.shape[1:] or stashed[0].dtype != like.dtype):
+            stashed = None  # the table changed shape since (another site moved): nothing to restore
+        return key, stash, stashed
 
     def _stash(self, dropped: torch.Tensor) -> None:
         """Keep rows a truncate dropped (front first: the order they come back in) for `restore`.
         Newest in front, kept as chunks: concatenating would copy every earlier stash again (a 128 MB
         stash, to drop 4 MB more)."""
-        stash_key = f"{self.site.name}:{self.tensor_key}"
-        stash = dict(model_state(self.model).stash)
-        stashed = stash.get(stash_key)
-        if stashed is not None and (stashed[0].shape[1:] != dropped.shape[1:] or stashed[0].dtype != dropped.dtype):
-            stashed = None  # the table changed shape since (another site moved): nothing to restore
-        stash[stash_key] = (dropped,) if stashed is None else (dropped, *stashed)
+        key, stash, stashed = self._stashed(dropped)
+        stash[key] = (dropped,) if stashed is None else (dropped, *stashed)
         _set_state(self.model, self.edit, stash=stash)
 
     def _new_block(self, block: torch.Tensor, out: torch.Tensor) -> None:
@@ -179,11 +181,7 @@ class SiteChange:
         if self.init != strategies.RESTORE:
             strategies.GROWTH[self.init](block, self.new, self.generator, out=out)
             return
-        stash_key = f"{self.site.name}:{self.tensor_key}"
-        stash = dict(model_state(self.model).stash)
-        stashed = stash.get(stash_key)  # the dropped rows, as chunks in the order they come back
-        if stashed is not None and (stashed[0].shape[1:] != block.shape[1:] or stashed[0].dtype != block.dtype):
-            stashed = None  # the table changed shape since (another site moved): nothing to restore
+        stash_key, stash, stashed = self._stashed(block)
         strategies.keep(block, out)
         have = self.old
         if stashed is not None:

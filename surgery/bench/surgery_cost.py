@@ -260,12 +260,11 @@ def floor_of(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> Ca
         for old, shape, kept in plan:
             flat = torch.empty(shape, dtype=old.dtype, device=old.device).view(-1)
             flat[:kept].copy_(old.reshape(-1)[:kept])
-            if flat.numel() > kept:
-                noise = flat[kept:] if flat.dtype == torch.float32 and flat.is_cpu else torch.empty(
-                    flat.numel() - kept, dtype=torch.float32)
-                noise.normal_(generator=generator)
-                if noise.data_ptr() != flat[kept:].data_ptr():
-                    flat[kept:].copy_(noise)
+            new_rows = flat[kept:]
+            if new_rows.dtype == torch.float32 and new_rows.is_cpu:  # drawn in place
+                new_rows.normal_(generator=generator)
+            elif new_rows.numel():  # drawn in float32 on the CPU, as `normal` does, then cast and moved
+                new_rows.copy_(torch.empty(new_rows.shape, dtype=torch.float32).normal_(generator=generator))
 
     return floor
 

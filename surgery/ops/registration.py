@@ -22,134 +22,43 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _extension
+from . import _extension, checks
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ALLOWED = "float32, bfloat16 or float16"
 _lock = threading.Lock()
 _registered = False
 
 
-# -- the checks of csrc/checks.h, for fake tensors ------------------------------------------------
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _rank(op: str, name: str, t: Tensor, ranks: Sequence[int], layout: str) -> None:
-    if t.dim() not in ranks:
-        raise RuntimeError(f"surgery::{op}: {name} has shape {list(t.shape)} ({t.dim()} dimensions); "
-                           f"expected {layout}")
-
-
-def _same(op: str, named: Sequence[tuple[str, Tensor]]) -> None:
-    first_name, first = named[0]
-    if first.dtype not in _DTYPES:
-        raise RuntimeError(f"surgery::{op}: {first_name} is {_dtype(first.dtype)}; allowed dtypes: {_ALLOWED}")
-    for name, t in named:
-        if t.dtype != first.dtype:
-            raise RuntimeError(f"surgery::{op}: {name} is {_dtype(t.dtype)} but {first_name} is "
-                               f"{_dtype(first.dtype)}; all inputs must share one dtype ({_ALLOWED})")
-        if t.device != first.device:
-            raise RuntimeError(f"surgery::{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
-                               f"all inputs must be on one device")
-    for name, t in named:
-        torch._check(t.numel() > 0, lambda: f"surgery::{op}: {name} is empty (shape {list(t.shape)}); "
-                                            f"every dimension must be >= 1")
-
-
-def _query_concat_shape(queries: Tensor, feats: Tensor) -> tuple:
-    op = "query_concat"
-    _rank(op, "queries", queries, (2,), "(Q, C) (2 dimensions)")
-    _rank(op, "feats", feats, (3,), "(B, N, C) (3 dimensions)")
-    _same(op, [("queries", queries), ("feats", feats)])
-    torch._check(queries.shape[1] == feats.shape[2], lambda: f"surgery::{op}: queries have C={queries.shape[1]} "
-                 f"channels but feats have C={feats.shape[2]}; they must agree")
-    return (feats.shape[0], queries.shape[0] + feats.shape[1], feats.shape[2])
-
-
-def _adapter_add_shape(adapter: Tensor, visual_query: Tensor) -> tuple:
-    op = "adapter_add"
-    _rank(op, "adapter", adapter, (2, 3), "(L, Q, D) or (L*Q, D)")
-    _rank(op, "visual_query", visual_query, (3,), "(B, Q, D) (3 dimensions)")
-    _same(op, [("adapter", adapter), ("visual_query", visual_query)])
-    B, Q, D = visual_query.shape
-    torch._check(adapter.shape[-1] == D, lambda: f"surgery::{op}: adapter has D={adapter.shape[-1]} but "
-                 f"visual_query has D={D}; they must agree")
-    if adapter.dim() == 3:
-        torch._check(adapter.shape[1] == Q, lambda: f"surgery::{op}: adapter has Q={adapter.shape[1]} tokens per "
-                     f"layer but visual_query has Q={Q}; they must agree")
-        L = adapter.shape[0]
-    else:
-        torch._check(adapter.shape[0] % Q == 0, lambda: f"surgery::{op}: a flat adapter needs L*Q rows; "
-                     f"{adapter.shape[0]} rows is not a multiple of visual_query's Q={Q}")
-        L = adapter.shape[0] // Q
-    return (L, B, Q, D)
-
-
-def _adapter_attention_shape(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor]) -> tuple:
-    op = "adapter_attention"
-    _rank(op, "xq", xq, (4,), "(B, H, T, hd) (4 dimensions)")
-    _rank(op, "k_t", k_t, (4,), "(B, H, hd, Q) (4 dimensions)")
-    _rank(op, "v", v, (4,), "(B, H, Q, hd) (4 dimensions)")
-    _rank(op, "gate", gate, (4,), "(1, H, 1, 1) (4 dimensions)")
-    named = [("xq", xq), ("k_t", k_t), ("v", v), ("gate", gate)]
-    if new_gate is not None:
-        _rank(op, "new_gate", new_gate, (4,), "(1, 1, 1, 1) (4 dimensions)")
-        named.append(("new_gate", new_gate))
-    _same(op, named)
-    B, H, T, hd = xq.shape
-    Q = v.shape[2]
-    torch._check(k_t.shape[0] == B and k_t.shape[1] == H and k_t.shape[2] == hd and k_t.shape[3] == Q
-                 and v.shape[0] == B and v.shape[1] == H and v.shape[3] == hd,
-                 lambda: f"surgery::{op}: with xq {list(xq.shape)} (B, H, T, hd), k_t must be (B, H, hd, Q) and "
-                         f"v (B, H, Q, hd) for one Q; got k_t {list(k_t.shape)}, v {list(v.shape)}")
-    torch._check(gate.shape[0] == 1 and gate.shape[1] == H and gate.shape[2] == 1 and gate.shape[3] == 1,
-                 lambda: f"surgery::{op}: gate must be (1, {H}, 1, 1), one value per head; got {list(gate.shape)}")
-    if new_gate is not None:
-        torch._check(new_gate.numel() == 1,
-                     lambda: f"surgery::{op}: new_gate must be (1, 1, 1, 1); got {list(new_gate.shape)}")
-    return (B, H, T, hd)
-
-
-def _check_out(op: str, out: Tensor, shape: tuple, like: Tensor) -> None:
-    if out.dim() != len(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise RuntimeError(f"surgery::{op}: out is {list(out.shape)} {_dtype(out.dtype)} on {out.device}; expected "
-                           f"{list(shape)} {_dtype(like.dtype)} on {like.device}")
-    torch._check(all(a == b for a, b in zip(out.shape, shape)), lambda: f"surgery::{op}: out is {list(out.shape)}; "
-                 f"expected {list(shape)}")
-    torch._check(out.is_contiguous(), lambda: f"surgery::{op}: out must be contiguous (it is written row by row)")
-
-
-# -- fake implementations --------------------------------------------------------------------------
+# -- fake implementations: the kernels' checks (checks.py, in csrc/checks.h's words), then the shape --
 
 
 def _query_concat_fake(queries: Tensor, feats: Tensor) -> Tensor:
-    return feats.new_empty(_query_concat_shape(queries, feats))
+    return feats.new_empty(checks.query_concat_shape(checks.kernel("query_concat"), queries, feats))
 
 
 def _query_concat_out_fake(queries: Tensor, feats: Tensor, *, out: Tensor) -> Tensor:
-    _check_out("query_concat", out, _query_concat_shape(queries, feats), feats)
+    check = checks.kernel("query_concat")
+    checks.out_tensor(check, out, checks.query_concat_shape(check, queries, feats), feats)
     return out
 
 
 def _adapter_add_fake(adapter: Tensor, visual_query: Tensor) -> Tensor:
-    return visual_query.new_empty(_adapter_add_shape(adapter, visual_query))
+    return visual_query.new_empty(checks.adapter_add_shape(checks.kernel("adapter_add"), adapter, visual_query))
 
 
 def _adapter_add_out_fake(adapter: Tensor, visual_query: Tensor, *, out: Tensor) -> Tensor:
-    _check_out("adapter_add", out, _adapter_add_shape(adapter, visual_query), visual_query)
+    check = checks.kernel("adapter_add")
+    checks.out_tensor(check, out, checks.adapter_add_shape(check, adapter, visual_query), visual_query)
     return out
 
 
 def _adapter_attention_fake(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor]) -> Tensor:
-    return xq.new_empty(_adapter_attention_shape(xq, k_t, v, gate, new_gate))
+    shape = checks.adapter_attention_shape(checks.kernel("adapter_attention"), xq, k_t, v, gate, new_gate)
+    return xq.new_empty(shape)
 
 
 # -- autograd --------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import BackendUnavailableError, OpInputError
+from ..errors import BackendUnavailableError
 from . import checks
 
 try:
@@ -279,17 +279,17 @@ def _launch_adapter_attention(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, 
 
 
 def _query_concat_fake(queries: Tensor, feats: Tensor) -> Tensor:
-    B, N, C = feats.shape
-    return feats.new_empty((B, queries.shape[0] + N, C))
+    return feats.new_empty(checks.query_concat_shape(checks.kernel("query_concat_triton"), queries, feats))
 
 
 def _adapter_add_fake(adapter: Tensor, visual_query: Tensor) -> Tensor:
-    B, Q, D = visual_query.shape
-    return visual_query.new_empty((adapter.numel() // (Q * D), B, Q, D))
+    shape = checks.adapter_add_shape(checks.kernel("adapter_add_triton"), adapter, visual_query)
+    return visual_query.new_empty(shape)
 
 
 def _adapter_attention_fake(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor]) -> Tensor:
-    return xq.new_empty(xq.shape)
+    shape = checks.adapter_attention_shape(checks.kernel("adapter_attention_triton"), xq, k_t, v, gate, new_gate)
+    return xq.new_empty(shape)
 
 
 def _out_fake(*args, **kwargs) -> None:
@@ -439,19 +439,12 @@ def _require(op: str, like: Tensor) -> None:
                                       f"tensors here: {why}")
 
 
-def _no_grad_for_out(op: str, *tensors: Optional[Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise OpInputError(f"{op}: out= does not support automatic differentiation, but an input requires grad; "
-                           f"call without out= (or under torch.no_grad())")
-
-
 def query_concat(queries: Tensor, feats: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """(Q, C), (B, N, C) -> (B, Q+N, C): the queries broadcast over the batch, then the features."""
     checks.query_concat(queries, feats, out)
     _require("query_concat", feats)
     if out is None:
         return _query_concat_op(queries, feats)
-    _no_grad_for_out("query_concat", queries, feats, out)
     _query_concat_out_op(queries, feats, out)
     return out
 
@@ -462,7 +455,6 @@ def adapter_add(adapter: Tensor, visual_query: Tensor, out: Optional[Tensor] = N
     _require("adapter_add", visual_query)
     if out is None:
         return _adapter_add_op(adapter, visual_query)
-    _no_grad_for_out("adapter_add", adapter, visual_query, out)
     _adapter_add_out_op(adapter, visual_query, out)
     return out
 

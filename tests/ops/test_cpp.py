@@ -382,6 +382,88 @@ def test_torch_compile_fullgraph():
 # -- refused inputs: a clear error, never a wrong result ------------------------------------------
 
 
+def _bad_calls():
+    """Bad calls of every op, on CPU tensors: (name, functional op, its surgery.ops function, args, kwargs)."""
+    from surgery import ops
+
+    q, f = randn(3, 5), randn(2, 4, 5)
+    a, vq = randn(6, 7), randn(2, 3, 7)
+    xq, k_t, v, gate, ng = attention_inputs(2, 3, 4, 5, 8, torch.float32)
+    qc, aa, at = (S.query_concat, ops.query_concat), (S.adapter_add, ops.adapter_add), \
+        (S.adapter_attention, ops.adapter_attention)
+    calls = [
+        (qc, (q, f.bfloat16()), {}), (qc, (q.long(), f.long()), {}), (qc, (q[None], f), {}), (qc, (q, f[0]), {}),
+        (qc, (randn(3, 6), f), {}), (qc, (q, torch.empty(2, 0, 5)), {}), (qc, (torch.empty(0, 5), f), {}),
+        (qc, (q, f), {"out": torch.empty(2, 7, 6)}), (qc, (q, f), {"out": torch.empty(2, 7, 5).half()}),
+        (qc, (q, f), {"out": torch.empty(5, 7, 2).transpose(0, 2)}),
+        (aa, (a, vq.half()), {}), (aa, (a[0], vq), {}), (aa, (a, vq[0]), {}), (aa, (randn(7, 7), vq), {}),
+        (aa, (randn(2, 4, 7), vq), {}), (aa, (randn(6, 8), vq), {}), (aa, (torch.empty(0, 7), vq), {}),
+        (aa, (a, vq), {"out": torch.empty(2, 2, 3, 8)}), (aa, (a, vq), {"out": torch.empty(2, 3, 2, 7).transpose(1, 2)}),
+        (at, (xq, k_t.bfloat16(), v, gate, ng), {}), (at, (xq[0], k_t, v, gate, ng), {}),
+        (at, (xq, k_t, v, gate[0], ng), {}), (at, (xq, k_t[..., :4], v, gate, ng), {}),
+        (at, (xq, k_t, v, randn(1, 4, 1, 1), ng), {}), (at, (xq, k_t, v, gate, randn(1, 1, 1, 2)), {}),
+        (at, (torch.empty(2, 3, 0, 8), k_t, v, gate, ng), {}),
+    ]
+    return [(torch_op.out if "out" in kwargs else torch_op, public, args, kwargs)
+            for (torch_op, public), args, kwargs in calls]
+
+
+def _message(error, call) -> str:
+    with pytest.raises(error) as caught:
+        call()
+    return str(caught.value)
+
+
+def test_fake_implementations_refuse_with_the_kernels_words():
+    """The checks are written twice, in C++ (csrc/checks.h) and in Python (surgery/ops/checks.py, for
+    the fake implementations and the public functions): on meta tensors the ops must fail exactly
+    as the C++ kernels do on CPU tensors."""
+    def meta(x):
+        return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+    for torch_op, public, args, kwargs in _bad_calls():
+        on_cpu = _message(RuntimeError, lambda: torch_op(*args, **kwargs))
+        assert on_cpu.startswith(f"surgery::{public.__name__}: ")
+        meta_args, meta_kwargs = [meta(x) for x in args], {k: meta(x) for k, x in kwargs.items()}
+        on_meta = _message(RuntimeError, lambda: torch_op(*meta_args, **meta_kwargs))
+        assert on_meta == on_cpu.replace("cpu", "meta")
+
+
+def test_public_functions_refuse_with_the_kernels_words():
+    """surgery.ops raises OpInputError with the kernels' message, less their "surgery::" head, before
+    any backend runs (eager included)."""
+    from surgery.errors import OpInputError
+
+    for torch_op, public, args, kwargs in _bad_calls():
+        on_cpu = _message(RuntimeError, lambda: torch_op(*args, **kwargs))
+        for backend in ("eager", "cpp"):
+            said = _message(OpInputError, lambda: public(*args, **kwargs, backend=backend))
+            assert "surgery::" + said == on_cpu
+
+
+def test_public_functions_refuse_what_only_the_kernels_refused_before():
+    """Overlapping out=, an out= that requires grad and sparse inputs: refused by every backend."""
+    from surgery import ops
+    from surgery.errors import OpInputError
+
+    q, f = randn(3, 5), randn(2, 4, 5)
+    buffer = torch.zeros(2 * 7 * 5 + 40)
+    overlapping = buffer[:2 * 4 * 5].view(2, 4, 5)
+    for backend in ("eager", "cpp"):
+        with pytest.raises(OpInputError, match=r"^query_concat: out shares memory with feats"):
+            ops.query_concat(q, overlapping, out=buffer[:70].view(2, 7, 5), backend=backend)
+        with pytest.raises(OpInputError, match="out= does not support automatic differentiation"):
+            ops.query_concat(q, f, out=torch.empty(2, 7, 5, requires_grad=True), backend=backend)
+        with pytest.raises(OpInputError, match=r"queries is not a dense \(strided\) tensor"):
+            ops.query_concat(q.to_sparse(), f, backend=backend)
+    assert torch.equal(buffer, torch.zeros(2 * 7 * 5 + 40))
+    # disjoint pieces of one buffer are fine
+    out = buffer[40:].view(2, 7, 5)
+    ops.query_concat(q, buffer[:40].view(2, 4, 5).copy_(f), out=out, backend="cpp")
+    assert torch.equal(out, reference.query_concat(q, f))
+
+
+
 def _refused(fn, *args, match, **kwargs):
     with pytest.raises(RuntimeError, match=match):
         fn(*args, **kwargs)

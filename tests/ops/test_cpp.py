@@ -398,7 +398,8 @@ def _bad_calls():
         (qc, (q, f), {"out": torch.empty(5, 7, 2).transpose(0, 2)}),
         (aa, (a, vq.half()), {}), (aa, (a[0], vq), {}), (aa, (a, vq[0]), {}), (aa, (randn(7, 7), vq), {}),
         (aa, (randn(2, 4, 7), vq), {}), (aa, (randn(6, 8), vq), {}), (aa, (torch.empty(0, 7), vq), {}),
-        (aa, (a, vq), {"out": torch.empty(2, 2, 3, 8)}), (aa, (a, vq), {"out": torch.empty(2, 3, 2, 7).transpose(1, 2)}),
+        (aa, (a, vq), {"out": torch.empty(2, 2, 3, 8)}),
+        (aa, (a, vq), {"out": torch.empty(2, 3, 2, 7).transpose(1, 2)}),
         (at, (xq, k_t.bfloat16(), v, gate, ng), {}), (at, (xq[0], k_t, v, gate, ng), {}),
         (at, (xq, k_t, v, gate[0], ng), {}), (at, (xq, k_t[..., :4], v, gate, ng), {}),
         (at, (xq, k_t, v, randn(1, 4, 1, 1), ng), {}), (at, (xq, k_t, v, gate, randn(1, 1, 1, 2)), {}),
@@ -457,7 +458,9 @@ def test_public_functions_refuse_what_only_the_kernels_refused_before():
         with pytest.raises(OpInputError, match=r"queries is not a dense \(strided\) tensor"):
             ops.query_concat(q.to_sparse(), f, backend=backend)
     assert torch.equal(buffer, torch.zeros(2 * 7 * 5 + 40))
-    # disjoint pieces of one buffer are fine
+    # meta tensors have no memory to share, and disjoint pieces of one buffer are fine
+    meta = torch.empty(2, 7, 5, device="meta")
+    assert ops.query_concat(q.to("meta"), f.to("meta"), out=meta, backend="eager") is meta
     out = buffer[40:].view(2, 7, 5)
     ops.query_concat(q, buffer[:40].view(2, 4, 5).copy_(f), out=out, backend="cpp")
     assert torch.equal(out, reference.query_concat(q, f))

@@ -203,9 +203,8 @@ class SiteChange:
 
 
 def _chunk_rows(x: torch.Tensor) -> int:
-    """Rows per temporary when turning rows around: at most 4 MB and 1/16 of the tensor."""
-    row_bytes = max(1, x[:1].numel() * x.element_size())
-    return max(1, min(4 << 20, x.numel() * x.element_size() // 16) // row_bytes)
+    """Rows per temporary when turning rows around: as many as strategies.chunk_values allows."""
+    return max(1, strategies.chunk_values(x) // max(1, x[:1].numel()))
 
 
 def _copy_reversed(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -104,8 +104,9 @@ def grow_normal(block: torch.Tensor, m: int, gen: torch.Generator, *, out: torch
     return out
 
 
-def _chunk(t: torch.Tensor) -> int:
-    """Values per temporary: NORMAL_CHUNK, and at most 1/16 of the tensor (small sites stay small)."""
+def chunk_values(t: torch.Tensor) -> int:
+    """Values per temporary while a site's tensor is rebuilt (here and in the engine): NORMAL_CHUNK,
+    and at most 1/16 of the tensor (small sites stay small)."""
     return max(16, min(NORMAL_CHUNK, t.numel() // 16))
 
 
@@ -123,7 +124,7 @@ def mean_and_spread(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mean, (x - mean).square().mean().sqrt()
     mean = torch.empty((1, *rest), dtype=torch.float32, device=block.device)
     squares = torch.zeros((), dtype=torch.float64, device=block.device)  # sum of squared deviations
-    step = max(1, _chunk(block) // (n * math.prod(rest[1:]) or 1))
+    step = max(1, chunk_values(block) // (n * math.prod(rest[1:]) or 1))
     for j in range(0, rest[0], step):
         part = _float(block[:, j:j + step])  # (n, s, *rest[1:])
         mean[:, j:j + step] = part_mean = part.mean(dim=0, keepdim=True)
@@ -148,7 +149,7 @@ def _fill_normal(new: torch.Tensor, gen: torch.Generator, mean: torch.Tensor | N
     mean = None if mean is None else mean.to("cpu")
     std = std.to("cpu") if isinstance(std, torch.Tensor) else std
     step = 16 // math.gcd(row, 16)  # rows per group whose values are a multiple of 16
-    rows = max(step, _chunk(new) // row // step * step)
+    rows = max(step, chunk_values(new) // row // step * step)
     # (a last chunk of under 16 values would be drawn another way: it joins the one before)
     buffer = torch.empty(min(rows + 16, k) * row, dtype=torch.float32)
     i = 0

@@ -108,7 +108,6 @@ inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, in
 }
 
 constexpr uintptr_t kStreamAlign = 64;  // non-temporal 512-bit stores need a 64-byte aligned destination
-constexpr bool kSplitsBf16Rows = false;  // vcvtne2ps2bf16 already makes its rounding cheap
 
 #elif defined(CPU_CAPABILITY_AVX2)
 // Hand-written AVX2: ATen's generic bf16 <-> fp32 conversions (widening across 128-bit lanes,
@@ -152,23 +151,6 @@ inline Bf16Halves split_bf16(const c10::BFloat16* p) {
           _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))))};
 }
 
-// out[i] = a[i] + b[i] for the whole 16-value blocks of a bf16 row; `second(i)` gives the halves of
-// b[i, i + 16), split on the fly or read pre-split. Returns where the tail starts.
-template <bool kStream, typename Second>
-inline int64_t add_bf16_blocks(c10::BFloat16* out, const c10::BFloat16* a, const Second& second, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const Bf16Halves x = split_bf16(a + i), y = second(i);
-    const __m256 even = _mm256_add_ps(x.even, y.even), odd = _mm256_add_ps(x.odd, y.odd);
-    // one unordered compare finds a NaN in either half; only such vectors pay for the NaN rounding
-    const bool any_nan = _mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0;
-    const __m256i lo = any_nan ? bf16_round_high(even) : bf16_round_high_finite(even);
-    const __m256i hi = any_nan ? bf16_round_high(odd) : bf16_round_high_finite(odd);
-    store256<kStream>(out + i, _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA));
-  }
-  return i;
-}
-
 template <typename scalar_t, bool kStream>
 inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n) {
   int64_t i = 0;
@@ -178,7 +160,15 @@ inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, in
       store256<kStream>(out + i, _mm256_castps_si256(s));
     }
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    i = add_bf16_blocks<kStream>(out, a, [b](int64_t j) { return split_bf16(b + j); }, n);
+    for (; i + 16 <= n; i += 16) {
+      const Bf16Halves x = split_bf16(a + i), y = split_bf16(b + i);
+      const __m256 even = _mm256_add_ps(x.even, y.even), odd = _mm256_add_ps(x.odd, y.odd);
+      // one unordered compare finds a NaN in either half; only such vectors pay for the NaN rounding
+      const bool any_nan = _mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0;
+      const __m256i lo = any_nan ? bf16_round_high(even) : bf16_round_high_finite(even);
+      const __m256i hi = any_nan ? bf16_round_high(odd) : bf16_round_high_finite(odd);
+      store256<kStream>(out + i, _mm256_blend_epi16(_mm256_srli_epi32(lo, 16), hi, 0xAA));
+    }
   } else {  // fp16: F16C converts exactly (fp16 -> fp32) and rounds to nearest even (fp32 -> fp16)
     for (; i + 16 <= n; i += 16) {
       const __m256 s0 = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
@@ -192,33 +182,11 @@ inline void add_row_simd(scalar_t* out, const scalar_t* a, const scalar_t* b, in
   add_tail(out, a, b, i, n);
 }
 
-// A bf16 row that is added to many rows (adapter_add's tiles add one visual_query piece to every
-// layer's table row) is split once: the loop above then does one shift and one and per 16 values
-// instead of two of each, 15-25% faster where it is bound by vector instructions (data in cache;
-// measured on Zen 3). split_bf16_row writes the halves of each whole 16-value block of b into
-// w[i, i + 16) (even, then odd); add_row_split reads them back and takes the tail from b.
-constexpr bool kSplitsBf16Rows = true;
-
-inline void split_bf16_row(float* w, const c10::BFloat16* b, int64_t n) {
-  for (int64_t i = 0; i + 16 <= n; i += 16) {
-    const Bf16Halves h = split_bf16(b + i);
-    _mm256_storeu_ps(w + i, h.even);
-    _mm256_storeu_ps(w + i + 8, h.odd);
-  }
-}
-
-inline void add_row_split(c10::BFloat16* out, const c10::BFloat16* a, const float* w, const c10::BFloat16* b,
-                          int64_t n) {
-  const auto halves = [w](int64_t j) { return Bf16Halves{_mm256_loadu_ps(w + j), _mm256_loadu_ps(w + j + 8)}; };
-  add_tail(out, a, b, add_bf16_blocks</*kStream=*/false>(out, a, halves, n), n);
-}
-
 constexpr uintptr_t kStreamAlign = 32;  // non-temporal 256-bit stores need a 32-byte aligned destination
 
 #else  // baseline: at::vec::Vectorized (SSE2 on x86-64, NEON on aarch64), regular stores
 
 constexpr bool kHasStreamingStores = false;
-constexpr bool kSplitsBf16Rows = false;
 
 template <typename scalar_t>
 inline void add_row(scalar_t* out, const scalar_t* a, const scalar_t* b, int64_t n, bool /*stream*/) {

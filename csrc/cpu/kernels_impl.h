@@ -170,22 +170,34 @@ void dispatch(c10::ScalarType dtype, const F& f) {
 // The output (L, B, Q, D) repeats the table over b and visual_query over l, so the order of the
 // walk decides how often each input is read, and from where. Two regimes:
 //
-// * Outputs that fit in the last-level cache (below kStreamMinBytes): a task is one tile, a row
-//   q and a page-sized chunk of D, over every l and b. The tile's visual_query pieces (all b)
-//   and its table piece (one l at a time) stay in L1 while they are reused; walking the output
-//   in order instead re-reads visual_query from L2 once per layer, which made the op 1.5x a copy
-//   (measured on Zen 4: 1.19x for the tiles, the copy's second stream being the only extra).
+// * Outputs that fit in the last-level cache (below kStreamMinBytes). Which walk is faster
+//   depended on the machine, so it is chosen per instruction set, by what was measured on each:
+//   - In order (AVX2; Zen 3 VM, 2026-12-02): each thread writes a contiguous run of output rows,
+//     so the output and (for B = 1) the table are single forward streams; visual_query, at most
+//     1/L of the output, is re-read from L2 once per layer. Against the tiles below (both builds,
+//     alternating processes): fp32 L=31 Q=10 B=1 1.36x a copy instead of 1.56x, bf16 the same
+//     within the noise (benchmarks/results/2026-12-02-cpu-zen3-avx2-walk-ab).
+//   - Tiles (AVX-512 and the baseline; Zen 4, 2026-11-26): a task is a row q and a page-sized
+//     chunk of D, over every l and b; the tile's visual_query pieces (all b) and its table piece
+//     (one l at a time) stay in L1 while they are reused. Walking in order re-read visual_query
+//     from L2 once per layer, which made the op 1.5x a copy (1.19x with the tiles, the copy's
+//     second stream being the only extra), in a single-thread harness.
 // * Larger outputs: the q rows are cut into blocks small enough that a block of visual_query
 //   (all b) and of the table (one l) stay in L2, and a task is one (q block, l, b): the tasks of
 //   a block run back to back (l, then b, fastest), so every input row is read from memory once
 //   and the output is written in long runs, with non-temporal stores (as memcpy does for large
 //   copies): they skip the read-for-ownership of every output line and do not evict the inputs.
 
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kInCacheInOrder = true;
+#else
+constexpr bool kInCacheInOrder = false;
+#endif
 constexpr int64_t kChunkBytes = 4096;      // a tile's width in D: one page, what the prefetchers follow
 constexpr int64_t kTileBytes = 256 << 10;  // visual_query rows (all b) of one q block: well inside L2
 // Output size from which stores are non-temporal and the q-block walk is used. Below it the
 // output (and the table, as large when B = 1) stay in the 32 MB last-level cache of the Zen 4
-// this was measured on, and regular stores into tiles are faster; from 8 MB, streaming won.
+// this was measured on, and regular stores are faster; from 8 MB, streaming won.
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
 
 template <typename scalar_t>
@@ -196,28 +208,26 @@ void adapter_add_typed(const AdapterAddArgs& a) {
   const int64_t L = a.L, B = a.B, Q = a.Q, D = a.D;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = kHasStreamingStores && L * B * Q * row_bytes >= kStreamMinBytes;
+  if (!stream && kInCacheInOrder) {
+    at::parallel_for(0, L * B * Q, grain_rows(D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {  // r = (l * B + b) * Q + q: the output's row
+        const int64_t q = r % Q, b = (r / Q) % B, l = r / (B * Q);
+        add_row<scalar_t>(out + r * D, table + l * a.table_l + q * a.table_q, vq + b * a.vq_b + q * a.vq_q, D,
+                          /*stream=*/false);
+      }
+    });
+    return;
+  }
   if (!stream) {
     const int64_t chunk = std::min<int64_t>(D, kChunkBytes / static_cast<int64_t>(sizeof(scalar_t)));
     const int64_t chunks = (D + chunk - 1) / chunk;
-    // bf16 where the ISA's rows want it (AVX2): the tile's visual_query pieces split once, for every l
-    constexpr bool kSplit = kSplitsBf16Rows && std::is_same_v<scalar_t, c10::BFloat16>;
     at::parallel_for(0, Q * chunks, grain_rows(L * B * chunk), [&](int64_t begin, int64_t end) {
-      std::vector<float> split(kSplit ? B * chunk : 0);  // (B, chunk): the split pieces
       for (int64_t t = begin; t < end; ++t) {  // t = q * chunks + chunk index
         const int64_t q = t / chunks, d0 = (t % chunks) * chunk, n = std::min(chunk, D - d0);
-        if constexpr (kSplit) {
-          for (int64_t b = 0; b < B; ++b) split_bf16_row(split.data() + b * chunk, vq + b * a.vq_b + q * a.vq_q + d0, n);
-        }
         for (int64_t l = 0; l < L; ++l) {
           for (int64_t b = 0; b < B; ++b) {
-            scalar_t* row_out = out + ((l * B + b) * Q + q) * D + d0;
-            const scalar_t* row_table = table + l * a.table_l + q * a.table_q + d0;
-            const scalar_t* row_vq = vq + b * a.vq_b + q * a.vq_q + d0;
-            if constexpr (kSplit) {
-              add_row_split(row_out, row_table, split.data() + b * chunk, row_vq, n);
-            } else {
-              add_row<scalar_t>(row_out, row_table, row_vq, n, /*stream=*/false);
-            }
+            add_row<scalar_t>(out + ((l * B + b) * Q + q) * D + d0, table + l * a.table_l + q * a.table_q + d0,
+                              vq + b * a.vq_b + q * a.vq_q + d0, n, /*stream=*/false);
           }
         }
       }

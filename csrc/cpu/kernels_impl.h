@@ -177,11 +177,12 @@ void dispatch(c10::ScalarType dtype, const F& f) {
 //     1/L of the output, is re-read from L2 once per layer. Against the tiles below (both builds,
 //     alternating processes): fp32 L=31 Q=10 B=1 1.36x a copy instead of 1.56x, bf16 the same
 //     within the noise (benchmarks/results/2026-12-02-cpu-zen3-avx2-walk-ab).
-//   - Tiles (AVX-512 and the baseline; Zen 4, 2026-11-26): a task is a row q and a page-sized
-//     chunk of D, over every l and b; the tile's visual_query pieces (all b) and its table piece
-//     (one l at a time) stay in L1 while they are reused. Walking in order re-read visual_query
-//     from L2 once per layer, which made the op 1.5x a copy (1.19x with the tiles, the copy's
-//     second stream being the only extra), in a single-thread harness.
+//   - Tiles (AVX-512; Zen 4, 2026-11-26): a task is a row q and a page-sized chunk of D, over
+//     every l and b; the tile's visual_query pieces (all b) and its table piece (one l at a time)
+//     stay in L1 while they are reused. Walking in order re-read visual_query from L2 once per
+//     layer, which made the op 1.5x a copy (1.19x with the tiles, the copy's second stream being
+//     the only extra), in a single-thread harness. The baseline build (not measured either way)
+//     keeps the tiles it had.
 // * Larger outputs: the q rows are cut into blocks small enough that a block of visual_query
 //   (all b) and of the table (one l) stay in L2, and a task is one (q block, l, b): the tasks of
 //   a block run back to back (l, then b, fastest), so every input row is read from memory once

@@ -466,7 +466,6 @@ def test_public_functions_refuse_what_only_the_kernels_refused_before():
     assert torch.equal(out, reference.query_concat(q, f))
 
 
-
 def _refused(fn, *args, match, **kwargs):
     with pytest.raises(RuntimeError, match=match):
         fn(*args, **kwargs)

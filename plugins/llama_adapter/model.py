@@ -26,6 +26,7 @@ activations' dtype and device instead of by `.eval()` on CUDA.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -133,8 +134,7 @@ class _Caches:
     def clear(self) -> None:
         self.kv_key: Optional[tuple] = None
         self.kv: Optional[list[KVCache]] = None
-        self.adapter_key: Optional[tuple] = None
-        self.adapter_source: Optional[Tensor] = None  # the visual_query the adapter K/V came from
+        self.adapter_inputs: Optional[_Inputs] = None  # what the adapter K/V were computed from
         self.adapter_kv: Optional[list[AdapterKV]] = None
 
     def __getstate__(self) -> dict:
@@ -144,9 +144,39 @@ class _Caches:
         self.clear()
 
 
-def _version(t: Tensor) -> tuple:
-    """What identifies a tensor's current contents: storage, and the in-place version counter."""
-    return (t.data_ptr(), -1 if t.is_inference() else t._version)
+def _state(t: Tensor) -> tuple:
+    """What tells a tensor's contents apart without reading them: where and how they are laid
+    out, and the in-place version counter (None for an inference tensor: it has none)."""
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, version)
+
+
+class _Inputs:
+    """The tensors a cached value was computed from, able to tell whether any has changed since.
+
+    Each is held weakly (a cache must not keep replaced weights alive) and compared by identity,
+    storage, layout and version counter, so an in-place edit (`p.mul_()` under no_grad, an
+    optimizer step, `load_state_dict`) or a replaced Parameter is seen without reading values.
+    Inference tensors have no version counter: the `source` (visual_query, small) is then kept as
+    a copy and compared by value; any other untracked tensor means the value is never reused.
+    Edits through `.data` bypass the version counter by PyTorch's design: `drop_caches()` then.
+    """
+
+    def __init__(self, source: Tensor, weights: Sequence[Tensor]):
+        tensors = [source, *weights]
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.states = [_state(t) for t in tensors]
+        self.source_copy = source.clone() if source.is_inference() else None
+        self.reusable = all(not w.is_inference() for w in weights)
+
+    def unchanged(self, source: Tensor, weights: Sequence[Tensor]) -> bool:
+        tensors = [source, *weights]
+        if not self.reusable or len(tensors) != len(self.refs):
+            return False
+        for ref, state, t in zip(self.refs, self.states, tensors):
+            if ref() is not t or _state(t) != state:
+                return False
+        return self.source_copy is None or torch.equal(self.source_copy, source)
 
 
 class LLaMAAdapter(nn.Module):
@@ -229,16 +259,24 @@ class LLaMAAdapter(nn.Module):
         adapters = self.dynamic_adapters(visual_query)  # (L, B, Q, D)
         return [attn.adapter_kv(adapters[j]) for j, attn in enumerate(self._adapted_attentions())]
 
+    def _adapter_kv_weights(self) -> list[Tensor]:
+        """Every parameter `adapter_kv` reads: the table, and each adapted layer's wk, wv and gates."""
+        weights = [self.adapter_query.weight]
+        for attn in self._adapted_attentions():
+            weights += [attn.wk.weight, attn.wv.weight, attn.gate]
+            if attn.w_new_gate:
+                weights.append(attn.new_gate)
+        return weights
+
     def cached_adapter_kv(self, visual_query: Tensor) -> list[AdapterKV]:
-        """`adapter_kv(visual_query)`, reused while the counts, the weights it reads, and the
-        visual_query tensor itself are the same."""
-        attns = self._adapted_attentions()
-        weights = [self.adapter_query.weight, *(w for a in attns for w in (a.wk.weight, a.wv.weight))]
-        key = (self.query_len, self.query_layer, *visual_query.shape, visual_query.dtype,
-               visual_query.device, id(visual_query), *(_version(w) for w in weights))
+        """`adapter_kv(visual_query)`, reused while the counts, every parameter it reads and the
+        visual_query itself are the same tensors, unedited (see `_Inputs`)."""
+        weights = self._adapter_kv_weights()  # also follows query_layer: another layer set, another list
         c = self._caches
-        if c.adapter_key != key or c.adapter_source is not visual_query:
-            c.adapter_key, c.adapter_source, c.adapter_kv = key, visual_query, self.adapter_kv(visual_query)
+        if c.adapter_inputs is None or not c.adapter_inputs.unchanged(visual_query, weights):
+            c.adapter_inputs, c.adapter_kv = None, None  # a failure below leaves no stale pair
+            adapter_kv = self.adapter_kv(visual_query)
+            c.adapter_inputs, c.adapter_kv = _Inputs(visual_query, weights), adapter_kv
         return c.adapter_kv
 
     def kv_caches(self, batch: int, dtype: torch.dtype, device: torch.device) -> list[KVCache]:

@@ -387,6 +387,74 @@ def test_stale_caches_are_never_used():
         model.forward_inference(vq, tok, 0)
 
 
+def _edit_gate(m):
+    m.llama.layers[-1].attention.gate.mul_(-1)
+
+
+def _edit_new_gate(m):
+    m.llama.layers[-2].attention.new_gate.add_(0.5)
+
+
+def _edit_wk(m):
+    m.llama.layers[-1].attention.wk.weight.mul_(1.5)
+
+
+def _edit_table(m):
+    m.adapter_query.weight[0].add_(1.0)
+
+
+@pytest.mark.parametrize("edit", [_edit_gate, _edit_new_gate, _edit_wk, _edit_table],
+                         ids=["gate", "new_gate", "wk", "adapter_query"])
+def test_cached_adapter_sees_in_place_edits_of_every_parameter_it_reads(edit):
+    model, imgs, tok = tiny(), images(), text(T=5)
+    with torch.no_grad():
+        vq = model.forward_visual(imgs)
+    model.forward_inference(vq, tok, 0, cache_adapter=True)  # fills the per-image cache
+    with torch.no_grad():
+        edit(model)  # in place: same tensor objects, same storage
+    ref = RefAdapter(model)  # the uncached computation, from the edited weights
+    ref.llama.eval_cache(2, torch.float32)
+    expected = ref.forward_inference(vq, tok, 0)
+    torch.testing.assert_close(model.forward_inference(vq, tok, 0, cache_adapter=True), expected, **TIGHT)
+    torch.testing.assert_close(model.forward_inference(vq, tok, 0, cache_adapter=False), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_cached_adapter_sees_in_place_edits_of_the_visual_query(mode):
+    model, imgs, tok = tiny(), images(), text(T=5)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        vq = model.forward_visual(imgs)  # an inference tensor (no version counter) in inference mode
+    first = model.cached_adapter_kv(vq)
+    assert model.cached_adapter_kv(vq) is first  # unchanged: reused
+    with context():
+        vq[1].mul_(0.5)
+    ref = RefAdapter(model)
+    ref.llama.eval_cache(2, torch.float32)
+    torch.testing.assert_close(model.forward_inference(vq, tok, 0, cache_adapter=True),
+                               ref.forward_inference(vq, tok, 0), **TIGHT)
+
+
+def test_cached_adapter_never_matches_a_replaced_or_untracked_parameter():
+    model, imgs = tiny(), images()
+    with torch.no_grad():
+        vq = model.forward_visual(imgs)
+    attn = model.llama.layers[-1].attention
+    first = model.cached_adapter_kv(vq)
+    # a new Parameter (possibly at the old one's id and address once that is freed): recomputed
+    attn.gate = nn.Parameter(attn.gate.detach() * -1)
+    second = model.cached_adapter_kv(vq)
+    assert second is not first and torch.equal(second[-1].gate, attn.gate.detach().tanh())
+    attn.new_gate = nn.Parameter(attn.new_gate.detach() + 1)
+    assert torch.equal(model.cached_adapter_kv(vq)[-1].new_gate, attn.new_gate.detach())
+    # an inference-tensor weight has no version counter: never reused
+    with torch.inference_mode():
+        attn.new_gate = nn.Parameter(torch.full((1, 1, 1, 1), 0.25), requires_grad=False)
+    third = model.cached_adapter_kv(vq)
+    assert model.cached_adapter_kv(vq) is not third
+    assert torch.equal(third[-1].new_gate, torch.full((1, 1, 1, 1), 0.25))
+
+
 def test_named_configs():
     tiny_cfg = AdapterConfig.named("tiny")
     assert (tiny_cfg.dim, tiny_cfg.n_layers, tiny_cfg.query_len, tiny_cfg.query_layer) == (64, 4, 3, 3)

@@ -8,7 +8,8 @@ as shipped with upstream (`imagebind/bpe/`) and open_clip. Ids: the 256 byte sym
 with the end-of-word marker `</w>`, one per merge (at most 48894), then `<|startoftext|>` and
 `<|endoftext|>` (49406, 49407 for the real file: EOT is the largest id, which the text head's
 `argmax` relies on). Text is cleaned (ftfy when installed, HTML unescaped twice, whitespace
-collapsed), lower-cased and split with CLIP's pattern (needs the `regex` package for `\\p{L}`).
+collapsed), lower-cased and split with CLIP's pattern (needs the `regex` package for `\\p{L}`);
+a literal `<|startoftext|>` / `<|endoftext|>` in the text becomes that special id (upstream).
 Each row is `[SOT, tokens..., EOT, 0...]`; a text longer than the context is cut to
 `context - 1` tokens and EOT is appended, so it is never lost (upstream since PR #142).
 
@@ -97,6 +98,7 @@ class BPETokenizer:
         self.pattern = regex.compile(PATTERN, regex.IGNORECASE)
         self.context_length = context_length
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
+        self.specials = {SOT: self.sot_id, EOT: self.eot_id}
         self.vocab_size = len(vocab)
         self.vocab_path = path
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge)
@@ -121,10 +123,14 @@ class BPETokenizer:
         return tuple(parts)
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids of `text` (no SOT/EOT)."""
+        """BPE ids of `text` (no SOT/EOT added). A literal `<|startoftext|>` or `<|endoftext|>` in
+        the text (any case) is that special token's id, as upstream's tokenizer gives it."""
         symbols = byte_symbols()
         ids = []
         for piece in self.pattern.findall(_clean(text).lower()):
+            if piece in self.specials:  # the pattern matches them whole; BPE would split them
+                ids.append(self.specials[piece])
+                continue
             word = "".join(symbols[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[s] for s in self._bpe(word))
         return ids

@@ -45,6 +45,16 @@ def test_encode_applies_the_merges(tok):
     assert tok.encode("dog's") == [merged(5), ord("'") - 33, 256 + ord("s") - 33]  # "dog</w>", "'", "s</w>"
 
 
+def test_literal_special_tokens_are_their_ids(tok):
+    # upstream's pattern matches them whole and its BPE cache maps them to themselves: one id each
+    assert tok.encode("the cat<|endoftext|>") == [merged(1), merged(3), 520]
+    assert tok.encode("<|startoftext|>a dog <|EndOfText|>") == [519, merged(6), merged(5), 520]  # lower-cased first
+    assert tok("<|endoftext|>the cat").tolist() == [519, 520, merged(1), merged(3), 520, 0, 0, 0]
+    # anything else made of the same characters is still plain BPE of three pieces: "<|", "endoftex", "|>"
+    assert tok.encode("<|endoftex|>") == [ord("<") - 33, 256 + ord("|") - 33, *tok.encode("endoftex"),
+                                          ord("|") - 33, 256 + ord(">") - 33]
+
+
 def test_rows_have_sot_eot_and_zero_padding(tok):
     ids = tok(["the cat", "a dog"])
     assert ids.dtype == torch.long and ids.shape == (2, 8)

@@ -224,7 +224,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     """List every plugin the host tried to load, failed ones with their error."""
     from surgery.plugins import get_host
 
-    records = list(get_host().records.values())
+    host = get_host()
+    host.check_detectors()  # a detect that fails for any model shows as "degraded", with its error
+    records = list(host.records.values())
     if args.json:
         print(json.dumps([r.to_dict() for r in records], indent=2))
         return 0
@@ -679,13 +681,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 refused, 2 bad command line)."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo, bench, profile "
                              "(see 'surgery --help')")
         return args.func(args)
-    except SystemExit as exc:  # --help and --version
-        return exc.code if isinstance(exc.code, int) else 0
+    except SystemExit as exc:  # plugin or library code calling sys.exit(): never a success
+        return _fail(SystemExit(f"sys.exit({exc.code!r}) was called during the command; it was stopped"), 1)
     except UsageError as exc:
         return _fail(exc, 2)
     except KeyboardInterrupt:

@@ -25,10 +25,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from . import strategies
+from . import strategies, verify
 from .edit import Edit
-from .errors import CountError, PluginConflictError, ResizeError, SiteError, StrategyError, SurgeryError
-from .plugins import get_host
+from .errors import CountError, PluginConflictError, PluginError, ResizeError, SiteError, StrategyError, SurgeryError
+from .plugins import PLUGIN_FAILURES, describe_error, get_host
 from .site import TokenSite, TokenTensor, module_paths
 
 STATE_ATTR = "_surgery_state"
@@ -70,8 +70,14 @@ def sites(model: nn.Module, backbone: str | None = None) -> dict[str, TokenSite]
     backbone = backbone or host.identify(model)
     found: dict[str, TokenSite] = {}
     for plugin, function in host.implementations("surgery_token_sites"):
-        declared = function(model=model, backbone=backbone) or []
-        for site in declared:
+        try:
+            declared = function(model=model, backbone=backbone)
+        except SurgeryError:
+            raise
+        except PLUGIN_FAILURES as exc:
+            raise PluginError(f"plugin {plugin!r}: surgery_token_sites raised {describe_error(exc)} "
+                              f"for a {backbone!r} model") from exc
+        for site in verify.declared_sites(plugin, backbone, declared):  # a PluginError for garbage
             if site.name in found:
                 raise PluginConflictError(f"site {site.name!r} of backbone {backbone!r} is declared by both "
                                           f"plugin {found[site.name].plugin!r} and plugin {plugin!r}")
@@ -272,16 +278,30 @@ def _apply(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: 
         grow = _pick(init, name, strategies.check_growth) or strategies.RESTORE
         cut = _pick(shrink, name, strategies.check_shrink) or "truncate"
         change = SiteChange(model, backbone, site, new, edit, grow, cut, seed)
+        applied_by = None  # the plugin whose surgery_apply_count is running or applied the change
         try:
-            handled = host.pm.hook.surgery_apply_count(model=model, backbone=backbone, change=change)
+            expected = verify.Expectation(change)
+            for plugin, function in reversed(host.implementations("surgery_apply_count")):  # pluggy's order
+                applied_by = plugin
+                handled = function(model=model, backbone=backbone, change=change)
+                if handled is not None and not isinstance(handled, bool):
+                    raise ResizeError(f"surgery_apply_count returned {handled!r}; return True or None")
+                if handled is not None:
+                    break
+            else:
+                handled = None
             if not handled:
+                applied_by = None
                 change.apply_default()
         except SurgeryError as exc:
-            raise type(exc)(f"site {name!r} ({site.count} -> {new}), tensor {change.tensor_key}: {exc}") from exc
-        except Exception as exc:  # a plugin's error, out of memory, ...
+            by = f"plugin {applied_by!r}, " if applied_by else ""
+            raise type(exc)(f"site {name!r} ({site.count} -> {new}), {by}tensor {change.tensor_key}: {exc}") from exc
+        except PLUGIN_FAILURES as exc:  # a plugin's error, out of memory, ...
+            by = f"plugin {applied_by!r}" if applied_by else f"declared by plugin {site.plugin!r}"
             raise ResizeError(f"resizing site {name!r} from {site.count} to {new} failed at tensor "
-                              f"{change.tensor_key} (plugin {site.plugin!r}): {type(exc).__name__}: {exc}; "
+                              f"{change.tensor_key} ({by}): {describe_error(exc)}; "
                               f"the model was left as it was") from exc
+        expected.check(applied_by, lambda: sites(model, backbone).get(name))  # the caller rolls back if not reached
         changes[name] = (site.count, new)
         steps.append({"site": name, "from": site.count, "to": new, "init": grow, "shrink": cut, "seed": seed})
     if steps:

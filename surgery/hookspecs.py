@@ -74,7 +74,9 @@ def surgery_apply_count(model: Any, backbone: str, change: Any) -> bool | None:
     `change` is a `surgery.engine.SiteChange`: `change.site`, `change.old`, `change.new`,
     `change.edit` (the journal every mutation must go through, so the change can be undone),
     `change.resize_tensor(t)` and `change.apply_default()`. Return True when this plugin applied
-    the change, None to leave it to the engine (or to another plugin).
+    the change, None to leave it to the engine (or to another plugin). The engine then checks
+    that every declared tensor and counter reached the new count (`surgery.verify`), and rolls
+    back with a `ResizeError` naming this plugin when not.
     """
 
 

@@ -4,11 +4,17 @@ Built-in plugins (`surgery_plugins.*`, from the repository's `plugins/` folder) 
 the `surgery.backbones` entry-point group exactly as a third-party plugin is; the core imports no
 plugin module by name.
 
-Guarded loading: a plugin that raises while importing or registering is recorded as failed
-with its error and unregistered, with nothing it registered kept; the others load as usual.
+Guarded loading: a plugin that raises (or calls `sys.exit()`) while importing or registering
+is recorded as failed with its error and unregistered, with nothing it registered kept; the
+others load as usual. The built-in plugins load first, so a third-party plugin can neither take
+a built-in backbone's name nor make a built-in fail: such a conflict is the newcomer's.
+A loaded plugin whose `detect` raises is "degraded": its backbone is left out of that
+identification and the error is kept on its record (`surgery plugins` shows it).
 Environment:
-  SURGERY_STRICT_PLUGINS=1   a plugin failure raises `PluginError` instead
-  SURGERY_PLUGINS=a,b        load only these entry points (set but empty: none)
+  SURGERY_STRICT_PLUGINS=1   a plugin failure raises `PluginError` instead (1/true/yes/on;
+                             0/false/no/off or empty: off; anything else is refused)
+  SURGERY_PLUGINS=a,b        load only these entry points (set but empty: none); a name no
+                             entry point has is recorded as "missing"
 """
 
 from __future__ import annotations
@@ -28,6 +34,14 @@ from .errors import BackboneError, PluginConflictError, PluginError
 
 ENTRY_POINT_GROUP = "surgery.backbones"
 REGISTRATION_HOOKS = ("surgery_register_backbones", "surgery_register_models")
+BUILTIN_DISTRIBUTION = "token-surgery"  # entry points of this distribution are the built-in plugins
+STRICT_ENV, ONLY_ENV = "SURGERY_STRICT_PLUGINS", "SURGERY_PLUGINS"
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+MAX_PROBLEMS = 8  # run-time errors kept per plugin record (the first ones; later ones are alike)
+
+# What plugin code may raise without taking the host down: any error, and `sys.exit()`.
+# KeyboardInterrupt is the user's and still stops everything.
+PLUGIN_FAILURES = (Exception, SystemExit)
 
 
 @dataclass
@@ -37,11 +51,20 @@ class PluginRecord:
     name: str
     version: str | None
     module: str
-    status: str  # "loaded" or "failed"
+    # "loaded"; "degraded" (loaded, but its code failed since: `problems`, also in `error`);
+    # "failed" (import or registration); "missing" (named by SURGERY_PLUGINS, not installed)
+    status: str
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     backbones: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    builtin: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        """Registered with the host (its hooks are called)."""
+        return self.status in ("loaded", "degraded")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -77,33 +100,38 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         self.backbones: dict[str, Backbone] = {}
         self.models: dict[str, ModelSpec] = {}
-        self.strict = os.environ.get("SURGERY_STRICT_PLUGINS", "") not in ("", "0")
+        self.strict = strict_from_env()
 
     # -- loading -----------------------------------------------------------------------------
 
     def load_entry_points(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
-        """Load every plugin of the entry-point group (filtered by SURGERY_PLUGINS)."""
+        """Load the plugins of the entry-point group (filtered by SURGERY_PLUGINS): the built-in
+        ones first, then the others, each sorted by name."""
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        only = os.environ.get("SURGERY_PLUGINS")
-        wanted = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
-        for ep in sorted(entry_points, key=lambda e: e.name):
-            if wanted is not None and ep.name not in wanted:
-                continue
+        entry_points = list(entry_points)
+        only = os.environ.get(ONLY_ENV)
+        if only is not None:
+            wanted = {n.strip() for n in only.split(",") if n.strip()}
+            installed = {ep.name for ep in entry_points}
+            for name in sorted(wanted - installed):
+                self._fail(name, None, "", f"{ONLY_ENV} names {name!r}, but no installed plugin has that entry "
+                           f"point; installed: {', '.join(sorted(installed)) or 'none'}", None, status="missing")
+            entry_points = [ep for ep in entry_points if ep.name in wanted]
+        for ep in sorted(entry_points, key=lambda e: (not _is_builtin(e), e.name)):
             version = ep.dist.version if getattr(ep, "dist", None) is not None else None
             try:
                 plugin = ep.load()
-            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything on import
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                self._fail(ep.name, version, ep.value, f"import failed: {_describe(exc)}", exc)
+            except PLUGIN_FAILURES as exc:
+                self._fail(ep.name, version, ep.value, f"import failed: {describe_error(exc)}", exc)
                 continue
-            self.add_plugin(plugin, ep.name, version=version, module=ep.value)
+            self.add_plugin(plugin, ep.name, version=version, module=ep.value, builtin=_is_builtin(ep))
 
-    def add_plugin(self, plugin: Any, name: str, version: str | None = None, module: str | None = None) -> bool:
+    def add_plugin(self, plugin: Any, name: str, version: str | None = None, module: str | None = None,
+                   builtin: bool = False) -> bool:
         """Register one plugin object, guarded and all-or-nothing. Returns whether it loaded."""
         module = module or getattr(plugin, "__name__", type(plugin).__name__)
-        if name in self.records and self.records[name].status == "loaded":
+        if name in self.records and self.records[name].active:
             # keep the loaded one's record; the refused one is listed under a distinct key
             self._fail(f"{name} ({module})", version, module, f"a plugin named {name!r} is already loaded "
                        f"(from {self.records[name].module})", None)
@@ -112,21 +140,21 @@ class PluginHost:
         models: dict[str, ModelSpec] = {}
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:  # pluggy validates hook names and signatures here
-            self._fail(name, version, module, f"registration failed: {_describe(exc)}", exc)
+        except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
+            self._fail(name, version, module, f"registration failed: {describe_error(exc)}", exc)
             return False
         try:
             self._check_hook_names(plugin, name)
             self._call_own(name, "surgery_register_backbones", self._backbone_registrar(name, backbones))
             self._call_own(name, "surgery_register_models", self._model_registrar(name, backbones, models))
-        except Exception as exc:  # noqa: BLE001 - anything a plugin raises makes it fail alone
+        except PLUGIN_FAILURES as exc:  # anything a plugin raises makes it fail alone
             self.pm.unregister(name=name)  # nothing it registered is kept
-            self._fail(name, version, module, f"registration failed: {_describe(exc)}", exc)
+            self._fail(name, version, module, f"registration failed: {describe_error(exc)}", exc)
             return False
         self.backbones.update(backbones)
         self.models.update(models)
         self.records[name] = PluginRecord(
-            name=name, version=version, module=module, status="loaded",
+            name=name, version=version, module=module, status="loaded", builtin=builtin,
             hooks=sorted(caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []),
             backbones=sorted(backbones), models=sorted(models),
         )
@@ -169,29 +197,60 @@ class PluginHost:
             staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward)
         return register
 
-    def _fail(self, name: str, version: str | None, module: str, message: str, exc: BaseException | None) -> None:
-        self.records[name] = PluginRecord(name=name, version=version, module=module, status="failed", error=message)
+    def _fail(self, name: str, version: str | None, module: str, message: str, exc: BaseException | None,
+              status: str = "failed") -> None:
+        self.records[name] = PluginRecord(name=name, version=version, module=module, status=status, error=message)
         if self.strict:
-            raise PluginError(f"plugin {name!r} ({module}): {message}") from exc
+            raise PluginError(f"plugin {name!r} ({module or 'not installed'}): {message}") from exc
+
+    def record_problem(self, plugin: str, message: str) -> None:
+        """A loaded plugin's code failed at run time: its record becomes "degraded" and says why."""
+        record = self.records.get(plugin)
+        if record is None or not record.active:  # registered on `pm` directly (tests): nothing to show
+            return
+        if message not in record.problems and len(record.problems) < MAX_PROBLEMS:
+            record.problems.append(message)
+        record.status, record.error = "degraded", "; ".join(record.problems)
 
     # -- queries -----------------------------------------------------------------------------
 
+    def _detect(self, backbone: Backbone, model: nn.Module) -> tuple[bool, str | None]:
+        """(whether `backbone` claims `model`, the error when its detect raised). A raising detect
+        claims nothing and is recorded against its plugin (strict mode: raises PluginError)."""
+        try:
+            return bool(backbone.detect(model)), None
+        except PLUGIN_FAILURES as exc:
+            message = (f"detect of backbone {backbone.name!r} raised {describe_error(exc)} "
+                       f"on a model of type {type(model).__name__}")
+            self.record_problem(backbone.plugin, message)
+            if self.strict:
+                raise PluginError(f"plugin {backbone.plugin!r}: {message}") from exc
+            return False, f"{message} (plugin {backbone.plugin!r})"
+
+    def check_detectors(self) -> None:
+        """Run every backbone's detect once on a bare module, a model of no backbone, so that a detect
+        failing for any model (a missing optional import) shows on its record before a model is needed."""
+        probe = nn.Module()
+        for backbone in list(self.backbones.values()):
+            self._detect(backbone, probe)
+
     def identify(self, model: nn.Module) -> str:
-        """The backbone name of a built model; an error naming the candidates when none or several match."""
-        matches = []
-        for backbone in self.backbones.values():
-            try:
-                if backbone.detect(model):
-                    matches.append(backbone)
-            except Exception as exc:  # noqa: BLE001
-                raise PluginError(f"plugin {backbone.plugin!r}: detecting backbone {backbone.name!r} "
-                                  f"raised {_describe(exc)}") from exc
+        """The backbone name of a built model; an error naming the candidates when none or several match.
+        A backbone whose detect raises is left out (and recorded against its plugin)."""
+        matches, failures = [], []
+        for backbone in list(self.backbones.values()):
+            claimed, failure = self._detect(backbone, model)
+            if claimed:
+                matches.append(backbone)
+            elif failure:
+                failures.append(failure)
         if len(matches) == 1:
             return matches[0].name
         if not matches:
             known = ", ".join(sorted(self.backbones)) or "none (no plugin loaded; see `surgery plugins`)"
+            failed = f"; detectors that failed: {'; '.join(failures)}" if failures else ""
             raise BackboneError(f"no plugin recognises a model of type {type(model).__name__}; "
-                                f"known backbones: {known}")
+                                f"known backbones: {known}{failed}")
         names = ", ".join(f"{b.name!r} (plugin {b.plugin!r})" for b in matches)
         raise PluginConflictError(f"a model of type {type(model).__name__} is claimed by several backbones: "
                                   f"{names}; pass backbone=... to choose one")
@@ -203,7 +262,8 @@ class PluginHost:
         return self.models[name]
 
     def implementations(self, hook: str) -> list[tuple[str, Callable]]:
-        """(plugin name, function) of every implementation of `hook`, in registration order.
+        """(plugin name, function) of every implementation of `hook`, in registration order
+        (pluggy calls them in the reverse order: the last registered first).
 
         The engine calls these one by one (instead of `pm.hook.<name>(...)`) so that a result or
         an error can be attributed to the plugin that produced it.
@@ -211,9 +271,30 @@ class PluginHost:
         return [(impl.plugin_name, impl.function) for impl in getattr(self.pm.hook, hook).get_hookimpls()]
 
 
-def _describe(exc: BaseException) -> str:
+def strict_from_env() -> bool:
+    """SURGERY_STRICT_PLUGINS as a yes/no value; anything else is refused rather than guessed."""
+    raw = os.environ.get(STRICT_ENV, "")
+    value = raw.strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise PluginError(f"{STRICT_ENV}={raw!r} is not a yes/no value; use 1, true, yes or on (a failing plugin "
+                      f"is fatal) or 0, false, no, off or empty (it is recorded)")
+
+
+def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) or ""
+    return name.lower().replace("_", "-").replace(".", "-") == BUILTIN_DISTRIBUTION
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message (at file:line)` of an exception raised by plugin code, for records and errors."""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r}) was called{at}"
     return f"{type(exc).__name__}: {exc}{at}"
 
 

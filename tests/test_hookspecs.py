@@ -190,3 +190,57 @@ def test_identify_with_none_or_several_matches(fresh_host):
     with pytest.raises(PluginConflictError, match="'toy' \\(plugin 'toy'\\).*'anything' \\(plugin 'greedy'\\)"):
         surgery.sites(ToyModel())
     assert "prompts" in surgery.sites(ToyModel(), backbone="toy")
+
+
+def test_token_sites_raising_is_a_plugin_error_naming_the_plugin(fresh_host):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+
+    class Raises:
+        @surgery.hookimpl
+        def surgery_token_sites(self, model, backbone):
+            return [surgery.TokenSite("extra", model.no_such_attribute)]
+
+    fresh_host.add_plugin(Raises(), "raises")
+    with pytest.raises(PluginError, match="plugin 'raises': surgery_token_sites raised AttributeError"):
+        surgery.sites(ToyModel())
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("disk on fire"), surgery.errors.CountError("no such count"),
+                                    SystemExit(3)])
+def test_apply_count_errors_are_blamed_on_the_plugin_that_raised(fresh_host, raised):
+    """A third party's apply raising for a site the toy plugin declares names the third party."""
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+
+    class ThirdParty:
+        @surgery.hookimpl
+        def surgery_apply_count(self, model, backbone, change):
+            raise raised
+
+    fresh_host.add_plugin(ThirdParty(), "third_party")
+    model = ToyModel(prompts=2)
+    with pytest.raises(surgery.errors.SurgeryError) as caught:
+        surgery.resize(model, prompts=4)
+    text = str(caught.value)
+    assert "plugin 'third_party'" in text and "'toy'" not in text, text
+    assert surgery.counts(model)["prompts"] == 2 and model.prompts.shape == (2, 8)
+
+
+def test_apply_count_keeps_pluggys_first_result_order(fresh_host):
+    """The engine calls the implementations one by one, in pluggy's order: the last registered first."""
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+    calls = []
+
+    def handler(name, result):
+        class Handler:
+            @surgery.hookimpl
+            def surgery_apply_count(self, model, backbone, change):
+                calls.append(name)
+                if result:
+                    change.apply_default()
+                return result
+        return Handler()
+
+    fresh_host.add_plugin(handler("first", True), "first")
+    fresh_host.add_plugin(handler("second", None), "second")
+    surgery.resize(ToyModel(prompts=2), prompts=3)
+    assert calls == ["second", "first"]

@@ -136,7 +136,6 @@ BUGS = [
      r"after tokens\(prompts=0\).*\n.*attribute <model>.num_prompts: 2 became 0"),
     ("counter set outside the journal", testing.check_atomic_on_injected_failure,
      r"Edit.set_tensor failing on call 1.*\n.*num_prompts: 2 became 4"),
-    ("error swallowed", testing.check_atomic_on_injected_failure, r"succeeded although the injected failure fired"),
 ]
 
 
@@ -145,6 +144,24 @@ def test_kit_catches_a_broken_plugin(bug, check, message):
     with plugin_host(("prompt", PromptPlugin(bug))):
         with pytest.raises(AssertionError, match=message):
             check(prompt_subject())
+
+
+def test_engine_refuses_a_plugin_that_swallowed_an_error(monkeypatch):
+    """The engine checks every plugin's apply (surgery/verify.py): an error the plugin swallowed leaves
+    the change unapplied, which is a ResizeError naming the plugin, rolled back (so the kit's check passes)."""
+    from surgery.edit import Edit
+
+    with plugin_host(("prompt", PromptPlugin("error swallowed"))):
+        testing.check_atomic_on_injected_failure(prompt_subject())
+        model = PromptNet()
+
+        def out_of_memory(*args):
+            raise MemoryError("injected")
+
+        monkeypatch.setattr(Edit, "set_tensor", out_of_memory)
+        with pytest.raises(surgery.errors.ResizeError, match="plugin 'prompt' applied site 'prompts' \\(2 -> 3\\)"):
+            surgery.resize(model, prompts=3)
+        assert model.prompts.shape == (2, 8) and model.num_prompts == 2
 
 
 def test_check_conformance_names_the_failing_check():

@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     json_flag(command("plugins", cmd_plugins, "list backbone plugins (failed ones too)",
                       "List every backbone plugin found under the 'surgery.backbones' entry points: version,\n"
-                      "status (loaded/failed), the hooks it implements, and the error of a failed one."))
+                      "status (loaded; degraded: its code failed since; failed; missing: named by SURGERY_PLUGINS\n"
+                      "but not installed), the hooks it implements, and the error of one that is not loaded."))
     json_flag(command("models", cmd_models, "list models plugins can build by name",
                       "List the models plugins can build by name (random weights; nothing is downloaded)."))
 

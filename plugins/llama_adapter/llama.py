@@ -1,5 +1,9 @@
 """The LLaMA language model of LLaMA-Adapter V2 (multimodal), with its adapter attention.
 
+ImageBind-LLM's `llama.py` is the same model without `new_gate` (and with the softmax always
+applied, as here), so the `imagebind_llm` plugin builds on these pieces too: `Transformer`
+(`forward_layers` runs the layers with per-layer adapters) and `decode` (upstream's sampling loop).
+
 Parameter names and shapes are upstream's (`llama_adapter_v2_multimodal7b/llama/llama.py`), so
 a Meta checkpoint or a released adapter checkpoint loads with `load_state_dict` as it is.
 What differs from upstream, and why:
@@ -22,13 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery import ops
+
+from .tokenizer import sample_top_p
+
 
 class AdapterKV(NamedTuple):
     """What one layer's adapter branch needs at every step, computed once per image.
@@ -354,14 +361,95 @@ class Transformer(nn.Module):
         return [KVCache(batch, max_len or p.max_seq_len, p.n_heads, p.head_dim, dtype, device)
                 for _ in range(self.n_layers)]
 
+    def forward_layers(self, h: Tensor, start_pos: int, *, first_adapted: Optional[int] = None,
+                       adapter: Optional[Callable[[int], Tensor]] = None,
+                       adapter_kv: Optional[Sequence[AdapterKV]] = None,
+                       kv_caches: Optional[Sequence[KVCache]] = None) -> Tensor:
+        """Every layer over the hidden states h (B, T, D) at positions [start_pos, start_pos + T).
+
+        Layers `first_adapted`, ... get adapters: layer first_adapted + j takes `adapter_kv[j]`
+        (keys/values computed once per input), else the tokens `adapter(j)` (B, Q, D), whose
+        keys/values the layer computes itself (upstream's per-step path); the layers before it
+        (all of them when first_adapted is None) run plain. Without kv_caches the sequence
+        attends only to itself (a training-style forward).
+        """
+        T = h.shape[1]
+        rope = self.rope(start_pos, T, h.device)
+        mask = causal_mask(start_pos if kv_caches is not None else 0, T, h.dtype, h.device)
+        first = len(self.layers) if first_adapted is None else first_adapted
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_caches is None else kv_caches[i]
+            j = i - first
+            if j < 0:
+                h = layer(h, start_pos, rope, mask, kv_cache=cache)
+            elif adapter_kv is not None:
+                h = layer(h, start_pos, rope, mask, adapter_kv=adapter_kv[j], kv_cache=cache)
+            else:
+                h = layer(h, start_pos, rope, mask, adapter=None if adapter is None else adapter(j), kv_cache=cache)
+        return h  # (B, T, D)
+
     def forward(self, tokens: Tensor, start_pos: int = 0,
                 kv_caches: Optional[list[KVCache]] = None) -> Tensor:
         """Plain LLaMA, no adapter: tokens (B, T) -> logits (B, T, vocab) of every position.
         Without kv_caches the sequence attends only to itself (a training-style forward)."""
-        B, T = tokens.shape
-        h = self.tok_embeddings(tokens)  # (B, T, D)
-        rope = self.rope(start_pos, T, h.device)
-        mask = causal_mask(start_pos if kv_caches is not None else 0, T, h.dtype, h.device)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, start_pos, rope, mask, kv_cache=None if kv_caches is None else kv_caches[i])
+        h = self.forward_layers(self.tok_embeddings(tokens), start_pos, kv_caches=kv_caches)  # (B, T, D)
         return self.output(self.norm(h))  # (B, T, V)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+def decode(step: Callable[[Tensor, int], Tensor], prompts: Sequence[Sequence[int]], *, max_seq_len: int,
+           max_gen_len: int, temperature: float, top_p: float, device: torch.device | str,
+           generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+           pad_id: int = -1) -> list[list[int]]:
+    """Upstream's generation loop over token ids: the generated ids of each prompt (prompt
+    removed, cut at EOS).
+
+    `step(tokens (B, T), start_pos) -> logits (B, V)` runs the model on positions [start_pos,
+    start_pos + T) and keeps its keys/values (a KV cache) so the next call continues. As upstream:
+    prompts are left-aligned, the first call prefills the shortest prompt, then one position per
+    call for all rows; positions inside a prompt keep the prompt's token. Greedy when temperature
+    == 0, else temperature + top-p (`generator` makes it reproducible). Beyond upstream: any batch
+    size, and the loop stops once every row has produced EOS.
+    """
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("no prompts: generation needs at least one")
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt: a prompt needs at least one token (BOS)")
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    if int(lengths.max()) > max_seq_len:
+        raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds max_seq_len={max_seq_len}")
+    total_len = min(max_seq_len, max_gen_len + int(lengths.max()))
+    tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, S); pad is never embedded
+    for k, p in enumerate(prompts):
+        tokens[k, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    # prompt positions are kept as given; the others are generated
+    input_text_mask = torch.arange(total_len, device=device)[None, :] < lengths[:, None]  # (B, S)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) produced EOS
+    prev_pos = 0
+    for cur_pos in range(int(lengths.min()), total_len):
+        logits = step(tokens[:, prev_pos:cur_pos], prev_pos)  # (B, V)
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+            next_token = sample_top_p(probs, top_p, generator)
+        else:
+            next_token = torch.argmax(logits, dim=-1)
+        next_token = next_token.reshape(-1)  # (B,)
+        generated = ~input_text_mask[:, cur_pos]
+        next_token = torch.where(generated, next_token, tokens[:, cur_pos])
+        tokens[:, cur_pos] = next_token
+        if eos_id is not None:
+            done |= generated & (next_token == eos_id)
+            if bool(done.all()):
+                break
+        prev_pos = cur_pos
+
+    out = []
+    for p, row in zip(prompts, tokens.tolist()):
+        gen = row[len(p):len(p) + max_gen_len]
+        if eos_id is not None and eos_id in gen:
+            gen = gen[:gen.index(eos_id)]
+        out.append(gen)
+    return out

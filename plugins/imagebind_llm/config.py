@@ -1,0 +1,103 @@
+"""ImageBind-LLM configurations: the released 7B architecture and small ones for tests and benchmarks.
+
+    ImageBindLLMConfig.named("7b")                                   # upstream's LLaMA_adapter
+    ImageBindLLMConfig.named("tiny", num_cls_tokens={"vision": 4}, head_mode="all")
+
+What upstream hard-codes, as fields: the LLaMA (`params.json` plus what `load()` sets:
+max_seq_len 512, max_batch_size 1), the phase (`finetune` builds the LLaMA with biases and LoRA,
+`pretrain` without), the bridge's norm (`legacy_bridge`: LayerNorm and biases instead of RMSNorm),
+`query_layer` (32: every layer of the 7B gets an adapter) and the ImageBind encoder (a named
+`ImageBindConfig` of the imagebind plugin, with its CLS-token counts and head modes). The bridge's
+widths follow: ImageBind's joint width (1024) -> dim, SwiGLU hidden 4 * dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgery.errors import ModelConfigError
+from surgery_plugins.imagebind.config import ImageBindConfig
+from surgery_plugins.llama_adapter.llama import ModelArgs
+
+PHASES = ("finetune", "pretrain")
+INITS = ("upstream", "random")
+
+
+@dataclass
+class ImageBindLLMConfig:
+    # LLaMA: Meta's params.json (7B) and what upstream's LLaMA_adapter sets
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000  # upstream: tokenizer.n_words
+    multiple_of: int = 256
+    norm_eps: float = 1e-6
+    max_batch_size: int = 1  # recorded for compatibility; generation is not limited by it
+    max_seq_len: int = 512
+    lora_rank: int = 16
+    # "finetune": the LLaMA has bias and LoRA parameters (upstream: w_bias = w_lora = phase == "finetune");
+    # the trainable set of a phase is chosen separately (`ImageBindLLM.set_trainable`)
+    phase: str = "finetune"
+    legacy_bridge: bool = False  # the bridge's norms are LayerNorm (eps 1e-5) and its Linears have biases
+    query_layer: int = 32  # the last query_layer layers get adapters (one prefix row each)
+    # the encoder: a named ImageBind config of the imagebind plugin, with per-modality CLS-token
+    # counts and head modes ("all" feeds k visual tokens to the LLaMA)
+    imagebind: str = "huge"
+    num_cls_tokens: dict[str, int] = field(default_factory=dict)
+    head_mode: str | dict[str, str] | None = None
+    modalities: tuple[str, ...] | None = None
+    # "upstream": the zero gates, biases and LoRA l2 upstream starts from (a fresh adapter changes
+    # nothing); "random": small random values there too, so every branch shows in the outputs (tests)
+    init: str = "upstream"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ModelConfigError(f"phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        if self.init not in INITS:
+            raise ModelConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.dim % self.n_heads:
+            raise ModelConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if not 1 <= self.query_layer <= self.n_layers:
+            raise ModelConfigError(f"query_layer must be within 1..n_layers={self.n_layers}, got {self.query_layer}")
+
+    @property
+    def bias_lora(self) -> bool:
+        return self.phase == "finetune"
+
+    def llama_args(self) -> ModelArgs:
+        return ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, vocab_size=self.vocab_size,
+                         multiple_of=self.multiple_of, norm_eps=self.norm_eps, max_batch_size=self.max_batch_size,
+                         max_seq_len=self.max_seq_len, w_bias=self.bias_lora, w_lora=self.bias_lora,
+                         lora_rank=self.lora_rank, w_new_gate=False)
+
+    def imagebind_config(self) -> ImageBindConfig:
+        """The encoder's config: the named one with this config's counts, head modes and modality subset."""
+        return ImageBindConfig.named(self.imagebind, num_cls_tokens=self.num_cls_tokens or None,
+                                     head_mode=self.head_mode, modalities=self.modalities)
+
+    @classmethod
+    def named(cls, size: str = "7b", **overrides: Any) -> "ImageBindLLMConfig":
+        """A config from the table below, with any field overridden."""
+        if size not in NAMED_CONFIGS:
+            raise ModelConfigError(f"unknown ImageBind-LLM config {size!r}; known: {', '.join(NAMED_CONFIGS)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ModelConfigError(f"unknown ImageBind-LLM config fields: {', '.join(unknown)}")
+        return cls(**{**NAMED_CONFIGS[size], **overrides})
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # the released 7B.pth architecture: LLaMA-7B with biases and LoRA, RMSNorm bridge, adapters in all 32 layers
+    "7b": dict(imagebind="huge"),
+    # every branch on and random, small enough for unit tests on a CPU (the tiny ImageBind: joint width 24)
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=200, multiple_of=32, max_seq_len=64, lora_rank=4,
+                 query_layer=4, imagebind="tiny", init="random"),
+    # 7B's shape ratios at a size a CPU decodes in seconds (benchmarks); adapters in every layer as 7B
+    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, query_layer=16, imagebind="small",
+                  init="random"),
+}
+
+
+__all__ = ["ImageBindLLMConfig", "NAMED_CONFIGS", "PHASES"]

@@ -13,6 +13,7 @@ widths follow: ImageBind's joint width (1024) -> dim, SwiGLU hidden 4 * dim.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,10 @@ class ImageBindLLMConfig:
     legacy_bridge: bool = False  # the bridge's norms are LayerNorm (eps 1e-5) and its Linears have biases
     query_layer: int = 32  # the last query_layer layers get adapters (one prefix row each)
     # the encoder: a named ImageBind config of the imagebind plugin, with per-modality CLS-token
-    # counts and head modes ("all" feeds k visual tokens to the LLaMA)
-    imagebind: str = "huge"
+    # counts and head modes ("all" feeds k visual tokens to the LLaMA), or an ImageBindConfig
+    # itself. A built model's config holds its encoder's own config object here (the encoder's
+    # sites keep its counts and modes in step) and the three fields below are then empty.
+    imagebind: str | ImageBindConfig = "huge"
     num_cls_tokens: dict[str, int] = field(default_factory=dict)
     head_mode: str | dict[str, str] | None = None
     modalities: tuple[str, ...] | None = None
@@ -73,9 +76,15 @@ class ImageBindLLMConfig:
                          lora_rank=self.lora_rank, w_new_gate=False)
 
     def imagebind_config(self) -> ImageBindConfig:
-        """The encoder's config: the named one with this config's counts, head modes and modality subset."""
-        return ImageBindConfig.named(self.imagebind, num_cls_tokens=self.num_cls_tokens or None,
-                                     head_mode=self.head_mode, modalities=self.modalities)
+        """The encoder's config: the named one with this config's counts, head modes and modality
+        subset, or a copy of the one given."""
+        if not isinstance(self.imagebind, ImageBindConfig):
+            return ImageBindConfig.named(self.imagebind, num_cls_tokens=self.num_cls_tokens or None,
+                                         head_mode=self.head_mode, modalities=self.modalities)
+        if self.num_cls_tokens or self.head_mode is not None or self.modalities is not None:
+            raise ModelConfigError("with an ImageBindConfig as `imagebind`, give its counts, head modes and "
+                                   "modalities in it (num_cls_tokens, head_mode, modalities are for a named config)")
+        return copy.deepcopy(self.imagebind)
 
     @classmethod
     def named(cls, size: str = "7b", **overrides: Any) -> "ImageBindLLMConfig":

@@ -96,6 +96,9 @@ class ImageBindLLM(nn.Module):
             config.vocab_size = tokenizer.n_words  # as upstream
         self.config = config
         self.image_bind = ImageBindModel(config.imagebind_config())
+        # from here on the encoder's own config describes it (its sites keep it in step)
+        config.imagebind, config.num_cls_tokens, config.head_mode, config.modalities = \
+            self.image_bind.config, {}, None, None
         add_bridge(self, self.image_bind.config.out_embed_dim, config.dim, config.legacy_bridge)
         self.tokenizer = tokenizer
         self.llama = Transformer(config.llama_args())

@@ -423,7 +423,7 @@ def test_bench_kernels_writes_rows_plots_and_a_summary(tmp_path, capsys):
     assert code == 0, err
     assert "| query_concat | float32 | 7b |" in out and f"results in {tmp_path}" in out
     data = json.loads((tmp_path / "kernels.json").read_text())
-    assert {r["backend"] for r in data["rows"]} == {"copy", "cpp.out"}
+    assert {r["backend"] for r in data["rows"]} == {"copy", "fill", "memset", "cpp.out"}  # the limits, the op
     assert all(r["status"] == "ok" and r["threads"] == 1 for r in data["rows"])
     assert (tmp_path / "kernels_cpu_float32.png").exists() and (tmp_path / "summary.md").exists()
 

@@ -12,7 +12,8 @@ adapter branch does real work. query_len is set with `surgery.resize` (the tool 
 
 For each dtype x query_len x batch, before anything is timed, the greedy tokens of `ours` and
 `upstream` (`generate_tokens`, temperature 0) must be identical, else OutputMismatchError:
-a speed-up of a path that computes something else would mean nothing. Then, interleaved:
+a speed-up of a path that computes something else would mean nothing. The point's
+`tokens_identical` and `tokens_compared` are that comparison's result. Then, interleaved:
 
     visual    forward_visual of the batch's images (the same for both adapter paths)
     prefill   the prompt (`--prompt-len` tokens per row) from position 0; for `ours` this includes
@@ -22,8 +23,15 @@ a speed-up of a path that computes something else would mean nothing. Then, inte
 
 Reported per path: prefill ms and decode ms (p20 / p50 / p80) and decode tokens/s; per point: the
 ratios ours/floor (decode) and upstream/ours (decode and prefill), with the targets of the
-LLaMA-Adapter issue where it sets one. ImageBind's embedding throughput is added to the report
-when its benchmark (benchmarks/imagebind_embed.py) is present (`imagebind_rows`).
+LLaMA-Adapter issue where it sets one. A point is `noisy`, and claims neither met nor not met,
+when ours is faster than the no-adapter floor (it does the floor's work plus the adapter's, so only
+noise can put it below) or when a decode timing's spread, (p80 - p20) / p50, exceeds NOISY_SPREAD;
+`noise` says which. ImageBind's embedding throughput is added to the report when its benchmark
+(benchmarks/imagebind_embed.py) is present (`imagebind_rows`).
+
+Plots: `e2e_decode_<dtype>.png`, decode tokens/s of each path at every point (grouped bars, any
+grid, --quick included), and `e2e_decode_<dtype>_b<batch>.png`, tokens/s against query_len, where
+a batch has two query_lens or more.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -43,6 +51,8 @@ from .timing import Budget, Timing, resolve_device, set_threads, time_many
 PATHS = ("floor", "ours", "upstream")
 # (query_len, batch): (max decode ours/floor, min decode upstream/ours), from the LLaMA-Adapter issue
 TARGETS = {(10, 1): (1.10, 1.2), (64, 4): (1.20, 2.0)}
+# a decode timing whose (p80 - p20) / p50 exceeds this is too noisy to judge a 10% target with
+NOISY_SPREAD = 0.10
 REPO = Path(__file__).resolve().parents[2]
 IMAGEBIND_SCRIPT = REPO / "benchmarks" / "imagebind_embed.py"
 
@@ -110,7 +120,8 @@ class E2EPoint:
     dtype: str
     query_len: int
     batch: int
-    tokens_identical: bool  # ours vs upstream, greedy (checked before timing)
+    tokens_identical: bool  # ours vs upstream, greedy: the check's result (made before timing)
+    tokens_compared: int  # greedy tokens that check compared, all rows
     visual_ms: float
     floor_decode_ms: float
     ours_decode_ms: float
@@ -118,9 +129,12 @@ class E2EPoint:
     ours_over_floor: float  # decode step
     speedup_vs_upstream: float  # decode tokens/s, ours / upstream
     prefill_speedup_vs_upstream: float
+    decode_spread: float  # the widest (p80 - p20) / p50 of the three decode timings
+    noisy: bool  # ours faster than the floor, or decode_spread > NOISY_SPREAD: no met claimed
+    noise: str = ""  # why it is noisy
     target_ours_over_floor: Optional[float] = None
     target_speedup: Optional[float] = None
-    met: Optional[bool] = None
+    met: Optional[bool] = None  # None: no target here, or the point is noisy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,15 +183,38 @@ def inputs(model: torch.nn.Module, batch: int, prompt_len: int, device: torch.de
     return images, prompts
 
 
-def check_tokens(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, n: int,
-                 where: str) -> None:
-    """Greedy tokens of our path and upstream's must be identical (else nothing is timed)."""
+@dataclass(frozen=True)
+class TokenCheck:
+    """The greedy tokens of our path and upstream's, per prompt."""
+
+    ours: list[list[int]]
+    upstream: list[list[int]]
+
+    @property
+    def compared(self) -> int:
+        return sum(len(row) for row in self.ours)
+
+    @property
+    def identical(self) -> bool:
+        return self.compared > 0 and self.ours == self.upstream
+
+
+def compare_tokens(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, n: int) -> TokenCheck:
+    """`n` greedy tokens per prompt of our path and of upstream's."""
     rows = [p[: 8 + k] for k, p in enumerate(prompts.tolist())]  # ragged prompts: the real loop's masking
     ours = model.generate_tokens(images, rows, max_gen_len=n, temperature=0, cache_adapter=True)
     theirs = model.generate_tokens(images, rows, max_gen_len=n, temperature=0, cache_adapter=False)
-    if ours != theirs:
+    return TokenCheck(ours, theirs)
+
+
+def check_tokens(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, n: int,
+                 where: str) -> TokenCheck:
+    """The comparison of the greedy tokens, which must be identical (else nothing is timed)."""
+    check = compare_tokens(model, images, prompts, n)
+    if not check.identical:
         raise OutputMismatchError(f"{where}: greedy tokens of this project's path and upstream's differ "
-                                  f"({ours} vs {theirs}); nothing was timed")
+                                  f"({check.ours} vs {check.upstream}); nothing was timed")
+    return check
 
 
 def time_point(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tensor, device: torch.device,
@@ -208,10 +245,37 @@ def time_point(model: torch.nn.Module, images: torch.Tensor, prompts: torch.Tens
         return time_many(fns, device, budget, threads)
 
 
+def make_point(dtype: str, query_len: int, batch: int, check: TokenCheck, t: dict[str, Timing]) -> E2EPoint:
+    """The ratios of one point from its token check and timings; noisy or judged against its target."""
+    floor, ours, upstream = t["floor.decode"], t["ours.decode"], t["upstream.decode"]
+    spread = max(floor.spread, ours.spread, upstream.spread)
+    point = E2EPoint(dtype, query_len, batch, tokens_identical=check.identical, tokens_compared=check.compared,
+                     visual_ms=t["visual"].p50_ms, floor_decode_ms=floor.p50_ms, ours_decode_ms=ours.p50_ms,
+                     upstream_decode_ms=upstream.p50_ms, ours_over_floor=ours.p50_ms / floor.p50_ms,
+                     speedup_vs_upstream=upstream.p50_ms / ours.p50_ms,
+                     prefill_speedup_vs_upstream=t["upstream.prefill"].p50_ms / t["ours.prefill"].p50_ms,
+                     decode_spread=spread, noisy=False)
+    reasons = []
+    if point.ours_over_floor < 1.0:
+        reasons.append(f"ours faster than the no-adapter floor (ours/floor {point.ours_over_floor:.3f})")
+    if spread > NOISY_SPREAD:
+        reasons.append(f"decode spread {spread:.0%} > {NOISY_SPREAD:.0%}")
+    point.noisy, point.noise = bool(reasons), "; ".join(reasons)
+    target = TARGETS.get((query_len, batch))
+    if target:
+        point.target_ours_over_floor, point.target_speedup = target
+        if not point.noisy:
+            point.met = point.ours_over_floor <= target[0] and point.speedup_vs_upstream >= target[1]
+    return point
+
+
 def run(config: E2EConfig, progress: bool = False) -> E2EResults:
     import surgery
 
     device = resolve_device(config.device)
+    if config.check_tokens < 1:
+        raise BenchmarkError(f"check_tokens must be at least 1 (the paths are compared before timing), "
+                             f"got {config.check_tokens}")
     threads = set_threads(config.threads)
     budget = config.budget or (Budget.quick() if config.quick else Budget.full())
     dtypes, points = config.dtype_list(), config.points()
@@ -224,24 +288,15 @@ def run(config: E2EConfig, progress: bool = False) -> E2EResults:
         for query_len, batch in points:
             surgery.resize(model, query_len=query_len, init="normal")
             images, prompts = inputs(model, batch, config.prompt, device, dtype)
-            check_tokens(model, images, prompts, config.check_tokens, f"{config.model} {name} query_len={query_len} "
-                         f"batch={batch}")
+            check = check_tokens(model, images, prompts, config.check_tokens,
+                                 f"{config.model} {name} query_len={query_len} batch={batch}")
             t = time_point(model, images, prompts, device, budget, threads)
             for path in PATHS:
                 pre, dec = t[f"{path}.prefill"], t[f"{path}.decode"]
                 results.rows.append(E2ERow(name, query_len, batch, path, config.prompt, str(device), threads,
                                            pre.p20_ms, pre.p50_ms, pre.p80_ms, dec.p20_ms, dec.p50_ms, dec.p80_ms,
                                            batch / (dec.p50_ms * 1e-3), dec.method))
-            point = E2EPoint(name, query_len, batch, True, t["visual"].p50_ms, t["floor.decode"].p50_ms,
-                             t["ours.decode"].p50_ms, t["upstream.decode"].p50_ms,
-                             t["ours.decode"].p50_ms / t["floor.decode"].p50_ms,
-                             t["upstream.decode"].p50_ms / t["ours.decode"].p50_ms,
-                             t["upstream.prefill"].p50_ms / t["ours.prefill"].p50_ms)
-            target = TARGETS.get((query_len, batch))
-            if target:
-                point.target_ours_over_floor, point.target_speedup = target
-                point.met = point.ours_over_floor <= target[0] and point.speedup_vs_upstream >= target[1]
-            results.points.append(point)
+            results.points.append(make_point(name, query_len, batch, check, t))
             bar.update(1)
         del model
     bar.close()
@@ -302,9 +357,18 @@ def imagebind_rows(out: Path, quick: bool, device: torch.device, script: Path = 
 # -- reporting -----------------------------------------------------------------------------------
 
 
+def _met_cell(p: E2EPoint) -> str:
+    if p.target_ours_over_floor is None:
+        return "-"
+    if p.noisy:
+        return "- (noisy)"
+    return report.fmt(p.met)
+
+
 def summary_markdown(results: E2EResults) -> str:
     headers = ["dtype", "query_len", "batch", "floor ms", "ours ms", "upstream ms", "ours/floor",
-               "upstream/ours", "ours tok/s", "prefill upstream/ours", "visual ms", "target", "met"]
+               "upstream/ours", "ours tok/s", "prefill upstream/ours", "visual ms", "decode spread", "noisy",
+               "target", "met"]
     table = []
     for p in results.points:
         tok_s = next(r.decode_tokens_per_s for r in results.rows
@@ -313,9 +377,17 @@ def summary_markdown(results: E2EResults) -> str:
                   if p.target_ours_over_floor else "")
         table.append([p.dtype, str(p.query_len), str(p.batch), p.floor_decode_ms, p.ours_decode_ms,
                       p.upstream_decode_ms, p.ours_over_floor, f"{p.speedup_vs_upstream:.2f}x", f"{tok_s:.1f}",
-                      f"{p.prefill_speedup_vs_upstream:.2f}x", p.visual_ms, target, p.met if p.met is not None else "-"])
-    text = ("Decode: one step at position prompt_len (median ms); greedy tokens of ours and upstream "
-            "identical at every point (checked before timing).\n\n" + report.markdown_table(headers, table))
+                      f"{p.prefill_speedup_vs_upstream:.2f}x", p.visual_ms, f"{p.decode_spread:.0%}",
+                      f"**yes**: {p.noise}" if p.noisy else "no", target, _met_cell(p)])
+    identical = sum(p.tokens_identical for p in results.points)
+    compared = sum(p.tokens_compared for p in results.points)
+    noisy = sum(p.noisy for p in results.points)
+    text = (f"Decode: one step at position prompt_len (median ms). Greedy tokens of ours and upstream, compared "
+            f"before timing: identical at {identical} of {len(results.points)} points ({compared} tokens). "
+            f"Noisy points ({noisy} here) claim no met / not met: ours faster than the no-adapter floor "
+            f"(it does the floor's work and more), or a decode timing's spread (p80 - p20) / p50 above "
+            f"{NOISY_SPREAD:.0%}; rerun them on a quieter machine or with a larger budget.\n\n"
+            + report.markdown_table(headers, table))
     prefill = [[r.dtype, str(r.query_len), str(r.batch), r.path, r.prefill_ms_p50, r.prefill_ms_p20, r.prefill_ms_p80,
                 f"{r.decode_tokens_per_s:.1f}"] for r in results.rows]
     text += "\n\nPer path (prefill of the prompt; decode tokens/s at batch):\n\n" + report.markdown_table(
@@ -337,11 +409,19 @@ def write(results: E2EResults, out: Path) -> list[Path]:
     if results.imagebind:
         files += report.write_table(out, "imagebind", results.imagebind, results.env)
     for dtype in dict.fromkeys(r.dtype for r in results.rows):
-        for batch in dict.fromkeys(r.batch for r in results.rows):
-            mine = [r for r in results.rows if r.dtype == dtype and r.batch == batch]
-            if len({r.query_len for r in mine}) < 2:
-                continue  # one point is not a line
-            series = {path: [(r.query_len, r.decode_tokens_per_s) for r in mine if r.path == path] for path in PATHS}
+        mine = [r for r in results.rows if r.dtype == dtype]
+        points = list(dict.fromkeys((r.query_len, r.batch) for r in mine))
+        tok_s = {(r.query_len, r.batch, r.path): r.decode_tokens_per_s for r in mine}
+        files.append(report.plot_bars([f"q={q} b={b}" for q, b in points],
+                                      {path: [tok_s[(q, b, path)] for q, b in points] for path in PATHS},
+                                      out / f"e2e_decode_{dtype}.png",
+                                      f"decode tokens/s, {results.env['device_name']}, {dtype}", "tokens/s"))
+        for batch in dict.fromkeys(r.batch for r in mine):
+            at_batch = [r for r in mine if r.batch == batch]
+            if len({r.query_len for r in at_batch}) < 2:
+                continue  # one point is not a line (the bars above show it)
+            series = {path: [(r.query_len, r.decode_tokens_per_s) for r in at_batch if r.path == path]
+                      for path in PATHS}
             files.append(report.plot_lines(series, out / f"e2e_decode_{dtype}_b{batch}.png",
                                            f"decode tokens/s, {results.env['device_name']}, {dtype}, batch {batch}",
                                            "query_len", "tokens/s", logx=True))

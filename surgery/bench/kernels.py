@@ -1,17 +1,11 @@
-"""Each fused op x backend x shape x dtype, against the hardware limit (`surgery bench kernels`).
+"""Each fused op x backend x shape x dtype, against its limits (`surgery bench kernels`).
 
-Backends (those that run on the chosen device):
-    upstream   upstream's eager form: `repeat` + `cat`; a per-layer `repeat` + add loop (a list of
-               L tensors); the eager adapter branch (reference.py: seven small ops)
-    compile    torch.compile of the broadcast form (reference.py), allocating, one compile per shape
-    cpp        the C++ CPU kernel (torch.ops.surgery.<op>), allocating its output     [CPU]
-    cpp.out    the same writing into a preallocated output (the .out overload)         [CPU]
-    cuda, cuda.out       the CUDA kernels, as cpp / cpp.out                            [GPU]
-    triton, triton.out   the Triton kernels (torch.ops.surgery.<op>_triton[_out])        [GPU]
-    copy       the limit: `dst.copy_(src)` of the op's size, preallocated (limits.py)
-The kernels are called through their torch ops, not the `surgery.ops` dispatcher, so the times are
-the kernels' (the dispatcher's argument checks are a constant few microseconds per call).
-Triton on CPU runs only under its interpreter, which is not a kernel worth timing: GPU only.
+Backends: those of the chosen device (backends.py: upstream, compile, cpp, cpp.out on CPU;
+upstream, compile, cuda, cuda.out, triton, triton.out on GPU), timed interleaved with the same-run
+references (limits.py):
+    copy       the copy limit: `dst.copy_(src)` of the op's size, preallocated
+    fill       the write-only floor: `out.zero_()` of the op's output, preallocated
+    memset     the same with C's memset (CPU); the faster of fill and memset is the floor
 
 Shapes: the 7B shapes (L=31 adapted layers, D=4096, CLIP width C=768, N=257 CLIP tokens, H=32
 heads of hd=128, one decoding position T=1) at Q in {10, 64, 256} x B in {1, 8}, and a size
@@ -23,7 +17,13 @@ Bytes the op must move (read every input once, write the output once):
     adapter_attention   2*B*H*T*hd (xq in, out) + 2*B*H*Q*hd (k_t, v) + H + 1 (gates)
 The copy has the output's size for query_concat and adapter_add; for adapter_attention, whose
 output is one row per head, it has the size of k_t and v (what it must read): a copy of its
-output would measure nothing but call overhead.
+output would measure nothing but call overhead. The fills have the output's size, and for the
+same reason adapter_attention has none. Every row carries `bytes` (what its own callable moves: the
+copy's and the fill's for those rows) and `op_bytes` (what the op of its case must move), and its
+fraction of each limit measured in the run; `limit` names the one `fraction_of_limit` is against.
+
+`--backends` names backends of the device the run is on; one of the other device (`cuda` on a
+CPU run, `cpp` on a GPU run) is refused with DeviceUnavailableError before anything runs.
 
 Before any backend is timed its output is compared with the reference (exactly for query_concat
 and adapter_add, which are a copy and one add in the dtype; for adapter_attention with the fp32
@@ -43,12 +43,12 @@ from torch import Tensor
 
 from . import BenchmarkError, OutputMismatchError
 from . import limits, report
+from .backends import CPU_BACKENDS, GPU_BACKENDS, Impl, implementations, require_backends_on, upstream_form
 from .timing import Budget, Timing, resolve_device, set_threads, synchronize, time_many
 
 OPS = ("query_concat", "adapter_add", "adapter_attention")
 L7B, D7B, C7B, N7B, H7B, HD7B = 31, 4096, 768, 257, 32, 128
-CPU_BACKENDS = ("upstream", "compile", "cpp", "cpp.out")
-GPU_BACKENDS = ("upstream", "compile", "cuda", "cuda.out", "triton", "triton.out")
+COPY, FILLS, REFERENCES = limits.COPY, limits.FILLS, limits.REFERENCES  # the references' rows
 # adapter_attention against the fp32 reference rounded to the dtype (tests/ops/test_cpp.py: LOOSE)
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
@@ -102,10 +102,17 @@ class Case:
         return n * self.element_size
 
     def copy_numel(self) -> int:
-        """Elements of the limit copy (see the module docstring)."""
+        """Elements of the copy limit (see the module docstring)."""
         d = self.d
         if self.op == "adapter_attention":
             return 2 * d["B"] * d["H"] * d["Q"] * d["hd"]
+        return math.prod(self.out_shape())
+
+    def fill_numel(self) -> Optional[int]:
+        """Elements of the write-only floor: the output's; None for adapter_attention, whose output
+        (one row per head) is too small for a fill of it to time anything but the call."""
+        if self.op == "adapter_attention":
+            return None
         return math.prod(self.out_shape())
 
     def inputs(self, device: torch.device, seed: int = 0) -> tuple[Tensor, ...]:
@@ -144,90 +151,6 @@ def grid(dtypes: Sequence[torch.dtype], quick: bool, ops: Sequence[str] = OPS) -
             cases += [Case(op, _dims(op, Q, B), dtype, "7b") for Q, B in table]
             cases += [Case(op, _dims(op, 10, B), dtype, "sweep") for B in sweep if (10, B) not in table]
     return cases
-
-
-# -- implementations -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Impl:
-    """A backend of one op: `call(args, out)` returns the result (a tensor, or upstream's list of
-    per-layer tensors); `out` is a preallocated output when `needs_out`."""
-
-    name: str
-    call: Callable[[tuple, Optional[Tensor]], Any]
-    needs_out: bool = False
-
-
-def upstream_query_concat(queries: Tensor, feats: Tensor) -> Tensor:
-    return torch.cat([queries.unsqueeze(0).repeat(feats.shape[0], 1, 1), feats], dim=1)
-
-
-def upstream_adapter_add(adapter: Tensor, visual_query: Tensor) -> list[Tensor]:
-    B = visual_query.shape[0]
-    return [adapter[i].repeat(B, 1, 1) + visual_query for i in range(adapter.shape[0])]  # per layer, as upstream
-
-
-def _upstream(op: str) -> Callable:
-    from ..ops import reference
-
-    return {"query_concat": upstream_query_concat, "adapter_add": upstream_adapter_add,
-            "adapter_attention": reference.adapter_attention}[op]
-
-
-def implementations(case: Case, device: torch.device,
-                    backends: Optional[Sequence[str]] = None) -> tuple[dict[str, Impl], dict[str, str]]:
-    """({name: Impl} that can run here, {name: why not}) for `case` on `device`."""
-    from .. import ops
-    from ..ops import reference
-
-    wanted = CPU_BACKENDS if device.type == "cpu" else GPU_BACKENDS
-    if backends is not None:
-        wanted = tuple(b for b in wanted if b in backends)
-    impls: dict[str, Impl] = {}
-    missing: dict[str, str] = {}
-    op = case.op
-    for name in wanted:
-        base = name.removesuffix(".out")
-        if name.endswith(".out") and op == "adapter_attention":
-            continue  # no out= form: its output is one row per head
-        if base == "upstream":
-            fn = _upstream(op)
-            impls[name] = Impl(name, lambda args, out, fn=fn: fn(*args))
-        elif base == "compile":
-            torch._dynamo.reset()  # a fresh cache per shape: no recompile limit, no stale guards
-            compiled = torch.compile(getattr(reference, op), dynamic=False)
-            impls[name] = Impl(name, lambda args, out, fn=compiled: fn(*args))
-        else:
-            ok, why = ops.can_run(base, device)
-            if not ok:
-                missing[name] = why
-                continue
-            impls[name] = _kernel_impl(name, base, op)
-    return impls, missing
-
-
-def _kernel_impl(name: str, base: str, op: str) -> Impl:
-    if base in ("cpp", "cuda"):
-        from ..ops import _extension
-
-        _extension.require_registration()
-        fn = getattr(torch.ops.surgery, op)
-        if name.endswith(".out"):
-            return Impl(name, lambda args, out: fn.out(*args, out=out), needs_out=True)
-        return Impl(name, lambda args, out: fn(*args))
-    from ..ops import triton_ops  # noqa: F401  (registers the surgery::*_triton ops)
-
-    if name.endswith(".out"):
-        fn_out = getattr(torch.ops.surgery, f"{op}_triton_out")
-
-        def call_out(args: tuple, out: Tensor) -> Tensor:
-            fn_out(*args, out)
-            return out
-
-        return Impl(name, call_out, needs_out=True)
-    fn = getattr(torch.ops.surgery, f"{op}_triton")
-    return Impl(name, lambda args, out: fn(*args))
 
 
 # -- checking ------------------------------------------------------------------------------------
@@ -280,7 +203,8 @@ class KernelConfig:
         known = sorted(set(CPU_BACKENDS) | set(GPU_BACKENDS))
         for b in self.backends or ():
             if b not in known:
-                raise BenchmarkError(f"unknown backend {b!r}; allowed: {', '.join(known)} (copy is always timed)")
+                raise BenchmarkError(f"unknown backend {b!r}; allowed: {', '.join(known)} "
+                                     f"(the references {', '.join(REFERENCES)} are always timed)")
         return self
 
     def dtype_list(self) -> list[torch.dtype]:
@@ -298,19 +222,23 @@ class KernelRow:
     device: str
     threads: int
     status: str  # "ok", "refused" (wrong output or an error: not timed), "unavailable"
-    bytes: int
+    bytes: int  # what this row's callable moves (the copy's, the fill's, else the op's)
+    op_bytes: int  # what the op of this case must move (the same in every row of the case)
     ms_p20: Optional[float] = None
     ms_p50: Optional[float] = None
     ms_p80: Optional[float] = None
     samples: Optional[int] = None
     timer: Optional[str] = None
     gbps: Optional[float] = None  # bytes / ms_p50
-    copy_ms: Optional[float] = None  # the same-run copy (median)
-    copy_gbps: Optional[float] = None
-    copy_fraction: Optional[float] = None  # copy_ms / ms_p50
+    copy_limit_ms: Optional[float] = None  # the same-run copy (median)
+    copy_limit_gbps: Optional[float] = None
+    copy_limit_fraction: Optional[float] = None  # copy_limit_ms / ms_p50 (above 1: faster than the copy)
+    write_floor_ms: Optional[float] = None  # the same-run fill of the output (median); None: not measured
+    write_floor_gbps: Optional[float] = None
+    write_floor_fraction: Optional[float] = None  # write_floor_ms / ms_p50 (at most 1 up to noise)
     peak_gbps: Optional[float] = None  # GPU
     peak_fraction: Optional[float] = None  # gbps / peak_gbps
-    limit: str = ""  # which limit fraction_of_limit is against: "cpu copy", "device peak", "device copy"
+    limit: str = ""  # the limit fraction_of_limit is against: "device peak", "write-only floor", "copy limit"
     fraction_of_limit: Optional[float] = None
     note: str = ""
 
@@ -329,25 +257,31 @@ class KernelResults:
         return [r for r in self.rows if r.status == "refused"]
 
 
-def _timed_row(case: Case, backend: str, nbytes: int, t: Timing, copy: Timing, copy_bytes: int,
+def _row(case: Case, backend: str, device: torch.device, threads: int, status: str, nbytes: int,
+         **fields: Any) -> KernelRow:
+    return KernelRow(case.op, backend, case.grid, case.shape, case.dtype_name, str(device), threads, status, nbytes,
+                     case.bytes_moved(), **fields)
+
+
+def _timed_row(case: Case, backend: str, nbytes: int, t: Timing, copy: limits.Reference,
+               fill: Optional[limits.Reference],
                device: torch.device, threads: int, peak: limits.Peak) -> KernelRow:
     gbps = limits.gbps(nbytes, t.p50_ms)
-    copy_fraction = copy.p50_ms / t.p50_ms
+    copy_fraction = copy.ms / t.p50_ms
+    fill_fraction = fill.ms / t.p50_ms if fill else None
     peak_fraction = gbps / peak.gbps if peak.gbps else None
-    if device.type == "cpu":
-        limit, fraction = "cpu copy", copy_fraction
-    elif peak_fraction is not None:
-        limit, fraction = "device peak", peak_fraction
-    else:
-        limit, fraction = "device copy", copy_fraction
-    return KernelRow(case.op, backend, case.grid, case.shape, case.dtype_name, str(device), threads, "ok", nbytes,
-                     t.p20_ms, t.p50_ms, t.p80_ms, t.samples, t.method, gbps, copy.p50_ms,
-                     limits.gbps(copy_bytes, copy.p50_ms), copy_fraction, peak.gbps, peak_fraction, limit, fraction)
+    limit, fraction = limits.headline(peak_fraction, fill_fraction, copy_fraction)
+    return _row(case, backend, device, threads, "ok", nbytes, ms_p20=t.p20_ms, ms_p50=t.p50_ms, ms_p80=t.p80_ms,
+                samples=t.samples, timer=t.method, gbps=gbps, copy_limit_ms=copy.ms, copy_limit_gbps=copy.gbps,
+                copy_limit_fraction=copy_fraction, write_floor_ms=fill.ms if fill else None,
+                write_floor_gbps=fill.gbps if fill else None, write_floor_fraction=fill_fraction,
+                peak_gbps=peak.gbps, peak_fraction=peak_fraction, limit=limit, fraction_of_limit=fraction)
 
 
 def run_case(case: Case, device: torch.device, budget: Budget, threads: int, peak: limits.Peak,
              impls: Mapping[str, Impl], missing: Mapping[str, str]) -> list[KernelRow]:
-    """Check each backend against the reference, then time the ones that agree with the copy."""
+    """Check each backend against the reference, then time the ones that agree, interleaved with the
+    same-run references (the copy limit, the write-only floor)."""
     args = case.inputs(device)
     rows: list[KernelRow] = []
     nbytes = case.bytes_moved()
@@ -360,21 +294,18 @@ def run_case(case: Case, device: torch.device, budget: Budget, threads: int, pea
             verify(case, name, result, args)
         except Exception as exc:  # a wrong output, or a backend that fails: refused, never timed
             note = str(exc) if isinstance(exc, OutputMismatchError) else f"{type(exc).__name__}: {exc}"
-            rows.append(KernelRow(case.op, name, case.grid, case.shape, case.dtype_name, str(device), threads,
-                                  "refused", nbytes, note=" ".join(note.split())[:500]))
+            rows.append(_row(case, name, device, threads, "refused", nbytes, note=" ".join(note.split())[:500]))
             continue
         del result
         fns[name] = lambda impl=impl, out=out: impl.call(args, out)
     for name, why in missing.items():
-        rows.append(KernelRow(case.op, name, case.grid, case.shape, case.dtype_name, str(device), threads,
-                              "unavailable", nbytes, note=why))
-    numel = case.copy_numel()
-    src, dst = limits.copy_pair(numel, case.dtype, device)
-    times = time_many({"copy": lambda: dst.copy_(src), **fns}, device, budget, threads)
-    copy_bytes = limits.copy_bytes(numel, case.element_size)
-    copy = times["copy"]
-    timed = [_timed_row(case, "copy", copy_bytes, copy, copy, copy_bytes, device, threads, peak)]
-    timed += [_timed_row(case, name, nbytes, times[name], copy, copy_bytes, device, threads, peak) for name in fns]
+        rows.append(_row(case, name, device, threads, "unavailable", nbytes, note=why))
+    refs = limits.reference_fns(case.copy_numel(), case.fill_numel(), case.dtype, device)
+    times = time_many({**{name: fn for name, (fn, _) in refs.items()}, **fns}, device, budget, threads)
+    copy, fill = limits.measured(refs, {name: times[name].p50_ms for name in refs})
+    timed = [_timed_row(case, name, moved, times[name], copy, fill, device, threads, peak)
+             for name, (_, moved) in refs.items()]
+    timed += [_timed_row(case, name, nbytes, times[name], copy, fill, device, threads, peak) for name in fns]
     return timed + rows
 
 
@@ -385,6 +316,7 @@ def run(config: KernelConfig, progress: bool = False,
     impls = impls or globals()["implementations"]
     config.checked()
     device = resolve_device(config.device)
+    require_backends_on(device, config.backends)
     threads = set_threads(config.threads)
     budget = config.budget or (Budget.quick() if config.quick else Budget.full())
     peak = limits.peak_bandwidth(device, config.peak_gbps)
@@ -408,20 +340,36 @@ def _progress(items: Sequence[Any], show: bool, desc: str) -> Iterable[Any]:
 # -- reporting -----------------------------------------------------------------------------------
 
 
+def _fraction_columns(rows: Sequence[KernelRow]) -> list[tuple[str, str]]:
+    """(limit name, KernelRow field) of each limit measured in the run, in the order cells show them."""
+    pairs = [(limits.DEVICE_PEAK, "peak_fraction"), (limits.COPY_LIMIT, "copy_limit_fraction"),
+             (limits.WRITE_FLOOR, "write_floor_fraction")]
+    return [(name, f) for name, f in pairs if any(getattr(r, f) is not None for r in rows)]
+
+
+def _reference_cell(rows: Mapping[str, KernelRow], names: Sequence[str]) -> str:
+    """The fastest of the named reference rows: ms (GB/s, which one)."""
+    timed = [rows[n] for n in names if n in rows and rows[n].ms_p50]
+    if not timed:
+        return "-"
+    best = min(timed, key=lambda r: r.ms_p50)
+    return f"{best.ms_p50:.4f} ({best.gbps:.1f}" + (f", {best.backend})" if len(names) > 1 else ")")
+
+
 def summary_markdown(results: KernelResults) -> str:
-    """Per case: the copy (limit) and each backend's median ms with its fraction of the limit."""
+    """Per case: the bytes the op moves, the same-run references, and each backend's median ms with
+    its fraction of each limit, every limit named."""
     rows = results.rows
-    backends = list(dict.fromkeys(r.backend for r in rows if r.backend != "copy"))
-    limit = next((r.limit for r in rows if r.status == "ok"), "")
-    headers = ["op", "dtype", "grid", "shape", "MB moved", "copy ms (GB/s)"] + [f"{b} ms (frac)" for b in backends]
+    shown = _fraction_columns(rows)
+    backends = [b for b in dict.fromkeys(r.backend for r in rows) if b not in REFERENCES]
+    headers = ["op", "dtype", "grid", "shape", "MB the op moves", f"{limits.COPY_LIMIT} ms (GB/s)",
+               f"{limits.WRITE_FLOOR} ms (GB/s)"] + [f"{b} ms" for b in backends]
     table = []
     keys = list(dict.fromkeys((r.op, r.dtype, r.grid, r.shape) for r in rows))
     for key in keys:
         mine = {r.backend: r for r in rows if (r.op, r.dtype, r.grid, r.shape) == key}
-        copy = mine.get("copy")
         some = next(iter(mine.values()))
-        cells = [*key, f"{some.bytes / 1e6:.2f}",
-                 f"{copy.ms_p50:.4f} ({copy.gbps:.1f})" if copy and copy.ms_p50 else "-"]
+        cells = [*key, f"{some.op_bytes / 1e6:.2f}", _reference_cell(mine, (COPY,)), _reference_cell(mine, FILLS)]
         for b in backends:
             r = mine.get(b)
             if r is None:
@@ -429,11 +377,16 @@ def summary_markdown(results: KernelResults) -> str:
             elif r.status != "ok":
                 cells.append(r.status)
             else:
-                cells.append(f"{r.ms_p50:.4f} ({r.fraction_of_limit:.2f})")
+                fractions = " / ".join(report.fmt(getattr(r, f), 2) for _, f in shown)
+                cells.append(f"{r.ms_p50:.4f} ({fractions})")
         table.append(cells)
-    text = (f"Median ms of each backend and, in brackets, its fraction of the limit ({limit}: "
-            + ("copy time / op time" if limit in ("cpu copy", "device copy") else "GB/s / peak GB/s")
-            + "; higher is better, 1.0 = at the limit).\n\n")
+    text = (f"Median ms of each backend and, in brackets, its fraction of each limit measured in this run: "
+            f"{' / '.join(name for name, _ in shown)}. A fraction is the limit's time / the op's time (device "
+            f"peak: op GB/s / peak GB/s); 1.0 = at that limit, higher is better. The {limits.WRITE_FLOOR} (the "
+            f"fastest same-run fill of the output: zero_, and memset on CPU) bounds every implementation: at "
+            f"most 1 up to noise. The {limits.COPY_LIMIT} (a same-run copy of the output's size; for "
+            f"adapter_attention of k_t and v) can be beaten by an op that reads less than it writes (above 1). "
+            f"'-': not measured for this op.\n\n")
     text += report.markdown_table(headers, table)
     refused = results.refused
     if refused:
@@ -454,11 +407,12 @@ def write(results: KernelResults, out: Path) -> list[Path]:
         if ok:
             title = (f"{results.env['device_name']}, {dtype}, {results.env['threads']} threads, "
                      f"torch {results.env['torch']}, {results.env['timestamp']}")
-            files.append(report.plot_bandwidth(ok, out / f"kernels_{device_type}_{dtype}.png", title, peak))
+            files.append(report.plot_bandwidth(ok, out / f"kernels_{device_type}_{dtype}.png", title, peak,
+                                               references=REFERENCES))
     peak_line = ""
     if results.peak and results.peak.gbps:
         peak_line = f"\n\nPeak memory bandwidth: {results.peak.gbps:.0f} GB/s ({results.peak.source})."
-    files.append(report.write_summary(out, "Fused kernels against the hardware limit",
+    files.append(report.write_summary(out, "Fused kernels against their limits",
                                       [("Kernels", summary_markdown(results) + peak_line)], results.env, files))
     return files
 

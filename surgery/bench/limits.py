@@ -1,14 +1,27 @@
-"""The hardware limit a memory-bound op is measured against.
+"""The limits a memory-bound op is measured against, each named for what it is.
 
-The fused ops move bytes and do almost no arithmetic, so their limit is memory bandwidth:
+The fused ops move bytes and do almost no arithmetic, so what bounds them is memory traffic.
+Three reference measurements, named the same in every CSV / JSON row, summary and plot:
 
-* CPU: a same-run `copy_` of a tensor of the op's size into a preallocated one. It is measured
-  in the same run, interleaved with the op (a CPU's "peak" bandwidth is not a number anyone can
-  look up, and caches make it depend on the size), and the fraction of the limit is
-  copy time / op time (1.0: as fast as copying; above 1: faster than a copy, e.g. when the op
-  reads inputs smaller than its output from cache).
-* GPU: the device's peak memory bandwidth, with the fraction op GB/s / peak GB/s; a same-run
-  device copy is measured too and reported beside it (what a real kernel can reach).
+* "copy limit": a same-run `copy_` of a tensor of the op's output size into a preallocated one
+  (for `adapter_attention`, of k_t and v: what it must read). It reads and writes every element,
+  so it bounds an op that reads about as much as it writes (`query_concat`); an op that reads far
+  less than it writes (`adapter_add`: its inputs are 1/B of its output and stay in cache) can beat
+  it, and a fraction above 1 then says so rather than anything impossible.
+* "write-only floor": a same-run fill of a preallocated tensor of the op's output size. Every op
+  must write its output at least once, so no implementation can be faster: floor time / op time is
+  at most 1 up to noise. Two fills are timed and the faster is the floor: torch's `zero_()` (at the
+  run's thread count; cached stores, so a large output is also read for ownership) and, on CPU, C's
+  `memset` (one thread; glibc streams large sizes with non-temporal stores, as the C++ kernels do:
+  2-3x faster than `zero_` from ~40 MB on the development VM). Measured for the ops whose output is
+  what they stream (`query_concat`, `adapter_add`); `adapter_attention` writes one row per head,
+  whose fill would time nothing but the call.
+* "device peak" (GPU): the device's peak memory bandwidth, fraction = op GB/s / peak GB/s.
+
+Both same-run references are timed interleaved with the op (a CPU's "peak" bandwidth is not a
+number anyone can look up, and caches make it depend on the size); on GPU they are reported beside
+the peak. Which one a row's `fraction_of_limit` is against is in its `limit` column (`headline`):
+the device peak where known, else the write-only floor where measured, else the copy limit.
 
 Peak bandwidth, first that applies:
     1. an override: `--peak-gbps` or the environment variable SURGERY_PEAK_GBPS (GB/s, 1e9 B/s)
@@ -17,20 +30,29 @@ Peak bandwidth, first that applies:
        reports the clock, torch then gives 0)
     3. the table below, by device name (vendor data sheets; first matching entry wins, so the
        more specific names come first)
-    4. unknown: the fraction of peak is left empty and the device copy is the only limit.
+    4. unknown: the fraction of peak is left empty and the same-run references are the limits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
 from . import BenchmarkError
 
 ENV = "SURGERY_PEAK_GBPS"
+
+# The names of the limits, as they appear in the `limit` column and the summaries.
+COPY_LIMIT = "copy limit"
+WRITE_FLOOR = "write-only floor"
+DEVICE_PEAK = "device peak"
+# The rows of the same-run references (their `backend`), and the limit each one measures.
+COPY, FILLS = "copy", ("fill", "memset")
+REFERENCES = {COPY: COPY_LIMIT, **{name: WRITE_FLOOR for name in FILLS}}
 
 # (substring of torch.cuda.get_device_name, peak GB/s). Order matters: "GH200" contains "H200",
 # "H100 PCIe" and "H100 NVL" must be tried before the SXM part's bare "H100".
@@ -96,7 +118,7 @@ def from_table(name: str) -> Optional[tuple[str, float]]:
 def peak_bandwidth(device: torch.device, override: Optional[float] = None) -> Peak:
     """The peak memory bandwidth of `device` (GPU only: a CPU's limit is the same-run copy)."""
     if device.type != "cuda":
-        return Peak(None, "cpu: the limit is a same-run copy_")
+        return Peak(None, f"cpu: no peak; the limits are same-run references ({COPY_LIMIT}, {WRITE_FLOOR})")
     if override is not None:
         return Peak(override, "--peak-gbps")
     env = parse_override(os.environ.get(ENV), f"${ENV}")
@@ -125,9 +147,71 @@ def copy_bytes(numel: int, element_size: int) -> int:
     return 2 * numel * element_size
 
 
+def fill_bytes(numel: int, element_size: int) -> int:
+    """Bytes a fill of `numel` elements moves: each is written once, nothing is read."""
+    return numel * element_size
+
+
 def copy_pair(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(src, dst) of the limit copy: `dst.copy_(src)`, dst preallocated (and touched once, so its
     pages exist before timing, as the op's preallocated `out=` does)."""
     src = torch.ones(numel, dtype=dtype, device=device)
     dst = torch.zeros(numel, dtype=dtype, device=device)
     return src, dst
+
+
+def fill_fns(numel: int, dtype: torch.dtype, device: torch.device) -> dict[str, Callable[[], Any]]:
+    """The write-only floor's fills of one preallocated tensor of `numel` elements (touched once, like
+    the copy's destination): {"fill": its zero_()} and, on CPU, {"memset": C's memset of its bytes}."""
+    target = torch.ones(numel, dtype=dtype, device=device)
+    nbytes = numel * target.element_size()
+
+    def memset() -> torch.Tensor:
+        ctypes.memset(target.data_ptr(), 0, nbytes)
+        return target
+
+    return {"fill": target.zero_, **({"memset": memset} if device.type == "cpu" else {})}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A same-run reference measurement: its median and the bytes it moves."""
+
+    ms: float
+    nbytes: int
+
+    @property
+    def gbps(self) -> float:
+        return gbps(self.nbytes, self.ms)
+
+
+def reference_fns(copy_numel: int, fill_numel: Optional[int], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, tuple[Callable[[], Any], int]]:
+    """{row name: (callable, bytes it moves)} of an op's same-run references: the copy of
+    `copy_numel` elements, and the fills of the write-only floor when `fill_numel` is given."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    src, dst = copy_pair(copy_numel, dtype, device)
+    refs = {COPY: (lambda: dst.copy_(src), copy_bytes(copy_numel, element_size))}
+    if fill_numel is not None:
+        moved = fill_bytes(fill_numel, element_size)
+        refs.update({name: (fn, moved) for name, fn in fill_fns(fill_numel, dtype, device).items()})
+    return refs
+
+
+def measured(refs: Mapping[str, tuple[Callable[[], Any], int]],
+             ms: Mapping[str, float]) -> tuple[Reference, Optional[Reference]]:
+    """(copy limit, write-only floor or None) from the references' medians: the floor is the
+    faster of the fills."""
+    fills = [Reference(ms[name], refs[name][1]) for name in FILLS if name in refs]
+    return Reference(ms[COPY], refs[COPY][1]), min(fills, key=lambda r: r.ms, default=None)
+
+
+def headline(peak_fraction: Optional[float], floor_fraction: Optional[float],
+             copy_fraction: Optional[float]) -> tuple[str, Optional[float]]:
+    """(name, fraction) of the limit a row is judged against: the device peak where known, else the
+    write-only floor where measured, else the copy limit."""
+    if peak_fraction is not None:
+        return DEVICE_PEAK, peak_fraction
+    if floor_fraction is not None:
+        return WRITE_FLOOR, floor_fraction
+    return COPY_LIMIT, copy_fraction

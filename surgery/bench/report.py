@@ -3,7 +3,8 @@
     env = environment(device, threads)            # device, versions, git commit, timestamp
     write_table(out, "kernels", rows, env)        # kernels.csv + kernels.json
     markdown_table(["op", "ms"], [["x", 1.0]])    # a GitHub table
-    plot_bandwidth(rows, out / "kernels_cpu_float32.png")
+    plot_bandwidth(rows, out / "kernels_cpu_float32.png", "title", references={"copy": "copy limit"})
+    plot_bars(["q=10 b=1"], {"ours": [12.5]}, out / "e2e_decode_float32.png", "title", "tokens/s")
     write_summary(out, "Kernels", [("heading", markdown)], env)   # summary.md
 
 Every row carries the environment fields (device name, torch / triton versions, git commit,
@@ -17,6 +18,7 @@ only when a plot is drawn.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -173,22 +175,30 @@ def _pyplot():
     return plt
 
 
-def plot_bandwidth(rows: Sequence[Mapping[str, Any]], path: Path, title: str,
-                   peak_gbps: Optional[float] = None) -> Path:
-    """GB/s against bytes moved, one line per backend, one panel per op; the limit drawn: the
-    measured copy as a dashed line, the device's peak (GPU) as a horizontal line."""
+# the same-run references' lines, in the order they are given: dashed black, dotted grey, dash-dot grey
+REFERENCE_STYLES = (dict(color="black", linestyle="--", linewidth=2), dict(color="gray", linestyle=":", linewidth=2),
+                    dict(color="gray", linestyle="-.", linewidth=2))
+
+
+def plot_bandwidth(rows: Sequence[Mapping[str, Any]], path: Path, title: str, peak_gbps: Optional[float] = None,
+                   references: Optional[Mapping[str, str]] = None) -> Path:
+    """GB/s against the bytes the op must move (`op_bytes`), one line per backend, one panel per op;
+    the same-run references ({backend: name of the limit}) drawn dashed, the device's peak (GPU)
+    as a horizontal line."""
     plt = _pyplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops), figsize=(5.2 * len(ops), 4.2), squeeze=False)
+    references = references or {}
+    styles = dict(zip(references, itertools.cycle(REFERENCE_STYLES)))
     for ax, op in zip(axes[0], ops):
         mine = [r for r in rows if r["op"] == op and r.get("gbps") is not None]
         for backend in dict.fromkeys(r["backend"] for r in mine):
-            points = sorted((r["bytes"], r["gbps"]) for r in mine if r["backend"] == backend)
-            style = dict(color="black", linestyle="--", linewidth=2) if backend == "copy" else dict(marker="o")
-            label = "copy (limit)" if backend == "copy" else backend
+            points = sorted((r["op_bytes"], r["gbps"]) for r in mine if r["backend"] == backend)
+            style = styles.get(backend, dict(marker="o"))
+            label = f"{backend} ({references[backend]})" if backend in references else backend
             ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style)
         if peak_gbps:
-            ax.axhline(peak_gbps, color="red", linewidth=1.5, label=f"peak {peak_gbps:.0f} GB/s")
+            ax.axhline(peak_gbps, color="red", linewidth=1.5, label=f"device peak {peak_gbps:.0f} GB/s")
         ax.set_xscale("log")
         ax.set_xlabel("bytes the op must move")
         ax.set_ylabel("GB/s")
@@ -204,19 +214,47 @@ def plot_bandwidth(rows: Sequence[Mapping[str, Any]], path: Path, title: str,
 
 
 def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
-               ylabel: str, logx: bool = False) -> Path:
-    """A simple line plot: {label: [(x, y), ...]}."""
+               ylabel: str, logx: bool = False, baseline: Optional[tuple[float, float]] = None) -> Path:
+    """A simple line plot: {label: [(x, y), ...]}; `baseline` (x, y), when given, is marked with a
+    star and a dashed horizontal line (the reference the other points are read against)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, points in series.items():
         points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="black", linestyle="--", linewidth=1, alpha=0.6)
+        ax.plot([baseline[0]], [baseline[1]], marker="*", markersize=14, color="black", linestyle="none",
+                label=f"baseline ({baseline[0]:g}, {baseline[1]:.3g})")
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, title: str,
+              ylabel: str) -> Path:
+    """Grouped bars: one group per label in `groups`, one bar per series ({label: a value per group});
+    drawn for any number of groups, so a one-point grid still gets its figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.1 * len(groups) * max(1, len(series)) / 2 + 2), 4.2))
+    width = 0.8 / max(1, len(series))
+    for k, (label, values) in enumerate(series.items()):
+        if len(values) != len(groups):
+            raise ValueError(f"series {label!r} has {len(values)} values for {len(groups)} groups")
+        ax.bar([g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))], values, width, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

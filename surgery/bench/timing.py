@@ -99,6 +99,11 @@ class Timing:
         p20, p50, p80 = (float(v) for v in np.percentile(np.asarray(samples_ms, dtype=np.float64), QUANTILES))
         return cls(p20, p50, p80, len(samples_ms), method)
 
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / p50: how far the middle 60% of the samples lie apart, relative to the median."""
+        return (self.p80_ms - self.p20_ms) / self.p50_ms
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -64,6 +64,26 @@ def test_units():
     assert torch.equal(dst.copy_(src), src)
 
 
+def test_each_limit_is_named_and_the_headline_is_the_tightest_known():
+    assert (limits.COPY_LIMIT, limits.WRITE_FLOOR, limits.DEVICE_PEAK) == (
+        "copy limit", "write-only floor", "device peak")
+    assert limits.headline(0.7, 0.9, 1.4) == ("device peak", 0.7)  # GPU with a known peak
+    assert limits.headline(None, 0.9, 1.4) == ("write-only floor", 0.9)  # CPU, an op with an output stream
+    assert limits.headline(None, None, 1.4) == ("copy limit", 1.4)  # adapter_attention: no fill of its output
+
+
+def test_the_fills_of_the_write_only_floor_write_and_read_nothing():
+    assert limits.fill_bytes(10, 2) == 20  # written once, nothing read
+    fns = limits.fill_fns(1000, torch.bfloat16, torch.device("cpu"))
+    assert set(fns) == {"fill", "memset"}
+    for fn in fns.values():
+        target = fn()
+        assert target.shape == (1000,) and target.dtype == torch.bfloat16
+        target.fill_(3.0)
+        assert not fn().any()  # every byte zeroed, the same preallocated tensor each call
+        assert fn().data_ptr() == target.data_ptr()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_real_gpu_has_a_peak_or_says_why():
     peak = limits.peak_bandwidth(torch.device("cuda"))

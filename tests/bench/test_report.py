@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import pytest
 import torch
 
 from surgery.bench import report
@@ -44,13 +45,18 @@ def test_markdown():
 
 
 def test_plots_are_pngs(tmp_path):
-    rows = [{"op": op, "backend": b, "bytes": n, "gbps": g}
-            for op in ("query_concat", "adapter_add") for b, g in (("copy", 10.0), ("cpp", 8.0))
+    rows = [{"op": op, "backend": b, "bytes": n, "op_bytes": n, "gbps": g}
+            for op in ("query_concat", "adapter_add") for b, g in (("copy", 10.0), ("fill", 12.0), ("cpp", 8.0))
             for n in (1e3, 1e6)]
-    path = report.plot_bandwidth(rows, tmp_path / "k.png", "title", peak_gbps=20.0)
+    path = report.plot_bandwidth(rows, tmp_path / "k.png", "title", peak_gbps=20.0,
+                                 references={"copy": "copy limit", "fill": "write-only floor"})
     assert path.read_bytes()[:4] == b"\x89PNG"
     path = report.plot_lines({"ours": [(1, 2.0), (10, 3.0)]}, tmp_path / "l.png", "t", "x", "y", logx=True)
     assert path.read_bytes()[:4] == b"\x89PNG"
+    path = report.plot_bars(["q=10 b=1"], {"floor": [3.0], "ours": [2.9]}, tmp_path / "b.png", "t", "tokens/s")
+    assert path.read_bytes()[:4] == b"\x89PNG"  # one group is still a figure
+    with pytest.raises(ValueError, match="'ours' has 2 values for 1 groups"):
+        report.plot_bars(["q=10 b=1"], {"ours": [1.0, 2.0]}, tmp_path / "x.png", "t", "y")
 
 
 def test_summary(tmp_path):

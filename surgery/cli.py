@@ -635,8 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", cmd_bench, "benchmarks: kernels vs the hardware limit, generation, surgery cost",
                 "Run a benchmark and write its results (CSV, JSON, PNG plots, summary.md) to --out.\n\n"
-                "  kernels  each fused op x backend x shape x dtype: ms, GB/s, fraction of the limit\n"
-                "           (CPU: a same-run copy; GPU: the device's peak memory bandwidth)\n"
+                "  kernels  each fused op x backend x shape x dtype: ms, GB/s, fraction of each limit\n"
+                "           (copy limit, write-only floor: a same-run copy / fill; GPU: device peak)\n"
                 "  e2e      LLaMA-Adapter V2: prefill ms and decode tokens/s of this project's path,\n"
                 "           upstream's and the no-adapter floor (greedy tokens checked identical first)\n"
                 "  surgery  time and extra memory of resize and tokens(...) on the 7B shape (meta weights)\n\n"
@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", type=_name_list, help="e.g. float32,bfloat16 (default: both; float32 with --quick)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--ops", type=_name_list, help="kernels: some of query_concat,adapter_add,adapter_attention")
-    p.add_argument("--backends", type=_name_list, help="kernels: e.g. cpp,cpp.out (the copy is always timed)")
+    p.add_argument("--backends", type=_name_list, help="kernels: e.g. cpp,cpp.out (the copy and fills: always)")
     p.add_argument("--peak-gbps", type=float, help="kernels on GPU: the peak memory bandwidth, GB/s "
                                                    "(default: device properties, else a table; SURGERY_PEAK_GBPS)")
     p.add_argument("--model", help="e2e: a registered LLaMA-Adapter V2 model (default llama_adapter_v2_bench)")

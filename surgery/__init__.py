@@ -2,7 +2,7 @@
 
     import surgery
     surgery.sites(model)                         # the model's token sites and their counts
-    surgery.resize(model, reg_tokens=4)          # atomic; init/shrink strategies
+    surgery.resize(model, reg_tokens=4)          # atomic; init/shrink strategies; optimizer= follows
     with surgery.tokens(model, reg_tokens=0):    # temporary, bit-exact restore
         ...
     surgery.save(model, "edited.safetensors")    # weights + counts + recipe
@@ -27,7 +27,7 @@ _EXPORTS = {
     "hookimpl": "hookspecs",
     "get_host": "plugins",
 }
-_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit")
+_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows")
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

@@ -19,16 +19,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
+import weakref
 import zlib
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from . import strategies, verify
+from . import optim, rows, strategies, verify
 from .edit import Edit
-from .errors import CountError, PluginConflictError, PluginError, ResizeError, SiteError, StrategyError, SurgeryError
+from .errors import (CountError, NestingError, PluginConflictError, PluginError, ResizeError, SiteError,
+                     StrategyError, SurgeryError)
 from .plugins import PLUGIN_FAILURES, describe_error, get_host
+from .compose import calls as part_calls, part_at
 from .site import TokenSite, TokenTensor, module_paths
 
 STATE_ATTR = "_surgery_state"
@@ -43,7 +47,8 @@ class ModelState:
     so the journal can put the previous one back."""
 
     recipe: tuple[dict, ...] = ()
-    stash: Mapping[str, tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=dict)  # rows a truncate dropped
+    stash: Mapping[str, tuple[rows.Piece, ...]] = dataclasses.field(default_factory=dict)  # per tensor: rows a truncate dropped
+    parked: Mapping[str, nn.Parameter] = dataclasses.field(default_factory=dict)  # per tensor: a parameter absent at count 0
     model_name: str | None = None  # registered name, when built by `surgery.build`
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -69,19 +74,19 @@ def sites(model: nn.Module, backbone: str | None = None) -> dict[str, TokenSite]
     host = get_host()
     backbone = backbone or host.identify(model)
     found: dict[str, TokenSite] = {}
-    for plugin, function in host.implementations("surgery_token_sites"):
+    for plugin, function, part in part_calls(model, backbone, "surgery_token_sites"):  # sub-models too (compose)
         try:
-            declared = function(model=model, backbone=backbone)
+            declared = function(model=part.model, backbone=part.backbone)
         except SurgeryError:
             raise
         except PLUGIN_FAILURES as exc:
             raise PluginError(f"plugin {plugin!r}: surgery_token_sites raised {describe_error(exc)} "
-                              f"for a {backbone!r} model") from exc
-        for site in verify.declared_sites(plugin, backbone, declared):  # a PluginError for garbage
+                              f"for a {part.backbone!r} model") from exc
+        for site in verify.declared_sites(plugin, part.backbone, declared):  # a PluginError for garbage
             if site.name in found:
                 raise PluginConflictError(f"site {site.name!r} of backbone {backbone!r} is declared by both "
                                           f"plugin {found[site.name].plugin!r} and plugin {plugin!r}")
-            site.plugin = plugin
+            site.plugin, site.part = plugin, part.path
             found[site.name] = site
     return found
 
@@ -95,14 +100,22 @@ def counts(model: nn.Module, backbone: str | None = None) -> dict[str, int]:
 
 
 class SiteChange:
-    """One site going from `old` to `new` tokens: what a `surgery_apply_count` hook receives."""
+    """One site going from `old` to `new` tokens: what a `surgery_apply_count` hook receives.
+
+    `sites` are all the model's sites as declared for this change (another site may carry one of
+    this site's tensors on another axis: its stashed rows span that axis), `optimizers` those whose
+    state follows the rows (`surgery.optim`).
+    """
 
     def __init__(self, model: nn.Module, backbone: str, site: TokenSite, new: int, edit: Edit,
-                 init: str, shrink: str, seed: int) -> None:
+                 init: str, shrink: str, seed: int, sites: Mapping[str, TokenSite] | None = None,
+                 optimizers: tuple[torch.optim.Optimizer, ...] = ()) -> None:
         self.model, self.backbone, self.site, self.edit = model, backbone, site, edit
         self.old, self.new = site.count, new
         self.init, self.shrink = init, shrink
         self.generator = torch.Generator().manual_seed(seed + zlib.crc32(site.name.encode()))
+        self.sites = dict(sites) if sites is not None else {site.name: site}
+        self.optimizers = tuple(optimizers)
         self._paths = module_paths(model)
         self.tensor_key = "?"  # the tensor being resized, for error messages
 
@@ -120,116 +133,74 @@ class SiteChange:
 
     @torch.no_grad()  # the new values are data, not a graph: nothing here is differentiated
     def resize_tensor(self, t: TokenTensor) -> None:
-        """Replace `t`'s block of `old` tokens with `new` ones (init/shrink strategy, stash)."""
-        self.tensor_key = self.key(t)
-        viewed = t.viewed()
-        axis = t.axis % viewed.dim()
-        block = viewed.narrow(axis, t.start, self.old).movedim(axis, 0)  # (old, *rest)
-        # The new tensor is allocated once, in its stored layout: the rows around the block are
-        # copied over and the strategy writes the block's new rows straight into it, so a large
-        # growth makes no intermediate tensors of the site's size. It never shares memory with the
-        # old tensor, which is kept for an exact undo and must not change when the new one is
-        # trained in place.
-        shape = list(viewed.shape)
-        shape[axis] += self.new - self.old
-        new_viewed = viewed.new_empty(shape)
-        n_after = viewed.shape[axis] - t.start - self.old
-        new_viewed.narrow(axis, 0, t.start).copy_(viewed.narrow(axis, 0, t.start))
-        new_viewed.narrow(axis, t.start + self.new, n_after).copy_(viewed.narrow(axis, t.start + self.old, n_after))
-        rows = new_viewed.narrow(axis, t.start, self.new).movedim(axis, 0)  # (new, *rest), a view
-        if t.anchor != "end":
-            self._new_block(block, rows)
-        elif self.new < self.old and self.shrink == "truncate":  # keep the last rows, stash the first
-            rows.copy_(block[self.old - self.new:])
-            dropped = block.new_empty((self.old - self.new, *block.shape[1:]))
-            _copy_reversed(dropped, block[: self.old - self.new])  # back to front, as they return
-            self._stash(dropped)
+        """Replace `t`'s block of `old` tokens with `new` ones (init/shrink strategy, stash); the
+        optimizers' state of its parameter follows the same rows."""
+        self.tensor_key = key = self.key(t)
+        axes = self._axes(t)
+        restore = self.new > self.old and self.init == strategies.RESTORE
+        growth = strategies.GROWTH[self.site.default_init if restore else self.init] if self.new > self.old else None
+        shrink = None if self.shrink == "truncate" else strategies.SHRINK[self.shrink]
+        state = model_state(self.model)
+        viewed, stash = rows.resize_block(
+            t.viewed(), axes, self.new, state.stash.get(key, ()), restore=restore,
+            shrink=None if shrink is None else (lambda old, out: out.copy_(shrink(old, self.new))),
+            grow=lambda out, have: growth(out[:have], self.new, self.generator, out=out))
+        stored = viewed.reshape(t.stored_shape(tuple(viewed.shape)))  # a view: it is contiguous
+        param = self._parameter(t, key)
+        if param is not None:
+            optim.follow(self.optimizers, param, t, axes, self.new, key, self.edit, truncate=shrink is None,
+                         restore=restore, rewrites_old=self.new > self.old and self.init == "interpolate")
+        updated = {**{k: v for k, v in state.stash.items() if k != key}, **({key: stash} if stash else {})}
+        if not rows.same_stash(updated, dict(state.stash)):
+            _set_state(self.model, self.edit, stash=updated)
+        self._place(t, key, stored, param)
+
+    def _axes(self, t: TokenTensor) -> tuple[rows.Axis, ...]:
+        """This site's axis of `t`, then every other site's axis of the same tensor (one site per dim)."""
+        ndim = t.viewed().dim()
+        own = rows.Axis(self.site.name, t.axis % ndim, t.start, self.old, t.anchor == "end")
+        by_dim: dict[int, list[rows.Axis]] = {}
+        for other in self.sites.values():
+            for u in other.tensors if other.name != self.site.name else ():
+                if u.module is t.module and u.name == t.name and u.view == t.view and u.axis % ndim != own.dim:
+                    by_dim.setdefault(u.axis % ndim, []).append(
+                        rows.Axis(other.name, u.axis % ndim, u.start, other.count, u.anchor == "end"))
+        return (own, *(found[0] for found in by_dim.values() if len(found) == 1))
+
+    def _parameter(self, t: TokenTensor, key: str) -> nn.Parameter | None:
+        """The parameter holding `t`'s rows: the module's, or the one parked while the count was 0."""
+        current = t.current()
+        if isinstance(current, nn.Parameter):
+            return current
+        parked = model_state(self.model).parked.get(key)
+        if current is None and parked is not None and parked.shape == t.tensor().shape:
+            return parked
+        return None
+
+    def _place(self, t: TokenTensor, key: str, stored: torch.Tensor, param: nn.Parameter | None) -> None:
+        """Put the new rows in the module. At a count of 0 a tensor with a template becomes None;
+        its parameter is parked (emptied) and comes back as the same object, frozen or not, still
+        in the optimizers that held it."""
+        parked = dict(model_state(self.model).parked)
+        if self.new == 0 and t.template is not None:
+            if param is not None and t.current() is param:
+                self.edit.set_tensor(t.module, t.name, stored)
+                parked[key] = param
+                _set_state(self.model, self.edit, parked=parked)
+            self.edit.set_tensor(t.module, t.name, None)
+        elif param is not None and t.current() is None:
+            self.edit.set_tensor(t.module, t.name, stored, parameter=param)
+            del parked[key]
+            _set_state(self.model, self.edit, parked=parked)
+            optim.join(self.optimizers, param, self._siblings(t), self.edit)
         else:
-            # Strategies work from the front: they get the block back to front, and the rows they
-            # write are turned around again in place, a few at a time (no flipped full-size copies).
-            if self.new >= self.old:
-                _copy_reversed(rows[: self.old], block)
-                self._new_block(rows[: self.old], rows)
-            else:
-                front_first = block.new_empty(block.shape)
-                _copy_reversed(front_first, block)
-                self._new_block(front_first, rows)
-            _reverse_rows_(rows)
-        stored = new_viewed.reshape(t.stored_shape(tuple(new_viewed.shape)))  # a view: it is contiguous
-        absent = self.new == 0 and t.template is not None
-        self.edit.set_tensor(t.module, t.name, None if absent else stored, t.requires_grad)
+            absent = t.current() is None
+            self.edit.set_tensor(t.module, t.name, stored, t.requires_grad)
+            if absent and isinstance(t.current(), nn.Parameter):
+                optim.join(self.optimizers, t.current(), self._siblings(t), self.edit)
 
-    def _stashed(self, like: torch.Tensor) -> tuple[str, dict, tuple[torch.Tensor, ...] | None]:
-        """The stash key, a copy of the model's stash, and this tensor's stashed rows (as chunks in
-        the order they come back), or None when there are none for rows shaped like `like`."""
-        key = f"{self.site.name}:{self.tensor_key}"
-        stash = dict(model_state(self.model).stash)
-        stashed = stash.get(key)
-        if stashed is not None and (stashed[0].shape[1:] != like.shape[1:] or stashed[0].dtype != like.dtype):
-            stashed = None  # the table changed shape since (another site moved): nothing to restore
-        return key, stash, stashed
-
-    def _stash(self, dropped: torch.Tensor) -> None:
-        """Keep rows a truncate dropped (front first: the order they come back in) for `restore`.
-        Newest in front, kept as chunks: concatenating would copy every earlier stash again (a 128 MB
-        stash, to drop 4 MB more)."""
-        key, stash, stashed = self._stashed(dropped)
-        stash[key] = (dropped,) if stashed is None else (dropped, *stashed)
-        _set_state(self.model, self.edit, stash=stash)
-
-    def _new_block(self, block: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the site's `new` rows for `block` ((old, *rest)) into `out` ((new, *rest))."""
-        if self.new < self.old:
-            out.copy_(strategies.SHRINK[self.shrink](block, self.new))
-            if self.shrink == "truncate":
-                self._stash(block[self.new:].clone())
-            return
-        if self.init != strategies.RESTORE:
-            strategies.GROWTH[self.init](block, self.new, self.generator, out=out)
-            return
-        stash_key, stash, stashed = self._stashed(block)
-        strategies.keep(block, out)
-        have = self.old
-        if stashed is not None:
-            rest = list(stashed)
-            while have < self.new and rest:
-                chunk = rest.pop(0)
-                taken = chunk[: self.new - have]
-                out[have:have + taken.shape[0]].copy_(taken)
-                if chunk.shape[0] > taken.shape[0]:
-                    rest.insert(0, chunk[taken.shape[0]:])
-                have += taken.shape[0]
-            if rest:
-                stash[stash_key] = tuple(rest)
-            else:
-                del stash[stash_key]
-            _set_state(self.model, self.edit, stash=stash)
-        if have < self.new:  # rows the stash did not hold: the site's default init, from all rows so far
-            strategies.GROWTH[self.site.default_init](out[:have], self.new, self.generator, out=out)
-
-
-def _chunk_rows(x: torch.Tensor) -> int:
-    """Rows per temporary when turning rows around: as many as strategies.chunk_values allows."""
-    return max(1, strategies.chunk_values(x) // max(1, x[:1].numel()))
-
-
-def _copy_reversed(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[i] = src[n - 1 - i] along dim 0, through temporaries of a few rows."""
-    n, step = src.shape[0], _chunk_rows(src)
-    for i in range(0, n, step):
-        k = min(step, n - i)
-        dst[i:i + k].copy_(src[n - i - k:n - i].flip(0))
-
-
-def _reverse_rows_(x: torch.Tensor) -> None:
-    """Reverse x along dim 0 in place, swapping a few rows from each end at a time."""
-    n, step = x.shape[0], _chunk_rows(x)
-    for i in range(0, n // 2, step):
-        k = min(step, n // 2 - i)
-        front, back = x[i:i + k], x[n - i - k:n - i]
-        saved = front.clone()
-        front.copy_(back.flip(0))
-        back.copy_(saved.flip(0))
+    def _siblings(self, t: TokenTensor) -> list[nn.Parameter]:
+        return [u.current() for u in self.site.tensors if u is not t and isinstance(u.current(), nn.Parameter)]
 
 
 # -- resize / tokens -----------------------------------------------------------------------------
@@ -240,35 +211,100 @@ def _pick(choice: str | Mapping[str, str], name: str, check) -> str:
     return check(value) if value is not None else None
 
 
-def validate(model: nn.Module, requested: Mapping[str, Any], backbone: str | None = None) -> dict[str, TokenSite]:
-    """Check names and counts against the sites' constraints before anything changes."""
+def validate(model: nn.Module, requested: Mapping[str, Any], backbone: str | None = None, *,
+             init: str | Mapping[str, str] | None = None,
+             shrink: str | Mapping[str, str] | None = None) -> dict[str, TokenSite]:
+    """Check names, counts, strategies (`init`/`shrink`, names or {site: name} mappings) and the
+    requested sites' declarations before anything changes."""
     current = sites(model, backbone)
+    allowed = ", ".join(current) or "none"
     for name, count in requested.items():
         if name not in current:
-            allowed = ", ".join(current) or "none"
             raise SiteError(f"model has no token site {name!r}; its sites: {allowed}")
         site = current[name]
         problem = site.violation(count)
         if problem:
             raise CountError(f"site {name!r}: {problem}; allowed: {site.allowed()}")
+    for option, choice, check in (("init", init, strategies.check_growth), ("shrink", shrink, strategies.check_shrink)):
+        for name, strategy in (choice.items() if isinstance(choice, Mapping) else ()):
+            if name not in current:
+                raise SiteError(f"{option}= names {name!r}, which is not a token site of the model; "
+                                f"its sites: {allowed}")
+            check(strategy)
+    paths = module_paths(model)
+    for name in requested:
+        check_declaration(current[name], current, paths)
     return current
 
 
+def check_declaration(site: TokenSite, declared: Mapping[str, TokenSite], paths: Mapping[int, str]) -> None:
+    """Refuse, with a SiteError naming the site and the tensor, a declaration the engine would apply
+    wrongly: an attribute the module does not have, an axis outside the tensor, a block outside it,
+    or a tensor of the site's own whose extent along the axis is not its sites' blocks (for one
+    site, `start + count`: declared on the wrong axis, the wrong dimension would grow)."""
+    for t in site.tensors:
+        prefix = paths.get(id(t.module), "?")
+        key = f"{prefix}.{t.name}" if prefix else t.name
+
+        def refuse(problem: str) -> None:
+            raise SiteError(f"site {site.name!r} (plugin {site.plugin!r}) declares tensor {key}, {problem}; "
+                            f"the model was left as it was")
+
+        if not hasattr(t.module, t.name):
+            refuse(f"which its {type(t.module).__name__} does not have")
+        value = t.current()
+        if value is None and t.template is None:
+            refuse("which is None, and the site gives no template for it")
+        if not isinstance(t.tensor(), torch.Tensor):
+            refuse(f"which is a {type(t.tensor()).__name__}, not a tensor")
+        try:
+            viewed = t.viewed()
+            t.stored_shape(tuple(viewed.shape))
+        except (RuntimeError, ValueError) as exc:
+            refuse(f"whose view {t.view} does not fit its shape {list(t.tensor().shape)}: {exc}")
+        if isinstance(t.axis, bool) or not isinstance(t.axis, int) or not -viewed.dim() <= t.axis < viewed.dim():
+            refuse(f"with axis {t.axis!r}, outside its {viewed.dim()} dimensions {list(viewed.shape)}")
+        extent = viewed.shape[t.axis]
+        if not t.coupled:  # the sites' blocks must tile the axis: [0, a), [a, b), ... up to the extent
+            blocks = sorted((u.start, s.count) for s in declared.values() for u in s.tensors
+                            if u.module is t.module and u.name == t.name and not u.coupled
+                            and u.view == t.view and u.axis % viewed.dim() == t.axis % viewed.dim())
+            ends = [0] + [start + count for start, count in blocks]
+            if [start for start, _ in blocks] != ends[:-1] or ends[-1] != extent:
+                others = f" (with the other sites' blocks there: {ends[-1]})" if len(blocks) > 1 else ""
+                refuse(f"along axis {t.axis} its extent is {extent}, not start + count = {t.start} + {site.count}"
+                       f"{others}; a tensor of the site's own holds its tokens only (mark rows of a table that "
+                       f"holds others too coupled=True)")
+        elif t.start < 0 or t.start + site.count > extent:
+            refuse(f"with the block [{t.start}, {t.start + site.count}) along axis {t.axis}, "
+                   f"outside its extent {extent}")
+
+
 def _apply(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: Edit,
-           init: str | Mapping[str, str], shrink: str | Mapping[str, str], seed: int) -> dict[str, tuple[int, int]]:
-    """Apply the requested counts into `edit` (no events, no rollback: the callers do those)."""
+           init: str | Mapping[str, str], shrink: str | Mapping[str, str], seed: int,
+           optimizers: tuple[torch.optim.Optimizer, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Apply the requested counts into `edit` (no events, no rollback: the callers do those), under
+    the model's lock (other threads' surgery on it waits)."""
+    with _guard(model).lock:
+        return _apply_locked(model, backbone, requested, edit, init, shrink, seed, optimizers)
+
+
+def _apply_locked(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: Edit,
+                  init: str | Mapping[str, str], shrink: str | Mapping[str, str], seed: int,
+                  optimizers: tuple[torch.optim.Optimizer, ...]) -> dict[str, tuple[int, int]]:
     host = get_host()
-    current = validate(model, requested, backbone)
-    # Shrinks first, in declaration order; then growths in reverse declaration order. Two sites
-    # sharing a tensor (the Q and L axes of one adapter table) then grow back in the opposite
-    # order to the one they shrank in, so each finds its stashed rows in the shape it left them.
+    current = validate(model, requested, backbone, init=init, shrink=shrink)
+    # Shrinks first, in declaration order; then growths in reverse declaration order (stashed rows
+    # come back in any order, `surgery.rows`; this one undoes a shrink of two sites mirror-wise).
     asked = [name for name in current if name in requested]
     order = ([n for n in asked if requested[n] < current[n].count]
              + [n for n in reversed(asked) if requested[n] >= current[n].count])
     changes: dict[str, tuple[int, int]] = {}
     steps: list[dict] = []
     for name in order:
-        site = sites(model, backbone)[name]  # re-read: an earlier site may have moved this one's rows
+        declared = sites(model, backbone)  # re-read: an earlier site may have moved this one's rows
+        site = declared[name]
+        check_declaration(site, declared, module_paths(model))
         new = requested[name]
         problem = site.violation(new)
         if problem:
@@ -277,13 +313,14 @@ def _apply(model: nn.Module, backbone: str, requested: Mapping[str, int], edit: 
             continue
         grow = _pick(init, name, strategies.check_growth) or strategies.RESTORE
         cut = _pick(shrink, name, strategies.check_shrink) or "truncate"
-        change = SiteChange(model, backbone, site, new, edit, grow, cut, seed)
+        change = SiteChange(model, backbone, site, new, edit, grow, cut, seed, sites=declared, optimizers=optimizers)
         applied_by = None  # the plugin whose surgery_apply_count is running or applied the change
         try:
             expected = verify.Expectation(change)
+            owner = part_at(model, backbone, site.part)  # the (sub-)model whose plugins declared the site
             for plugin, function in reversed(host.implementations("surgery_apply_count")):  # pluggy's order
                 applied_by = plugin
-                handled = function(model=model, backbone=backbone, change=change)
+                handled = function(model=owner.model, backbone=owner.backbone, change=change)
                 if handled is not None and not isinstance(handled, bool):
                     raise ResizeError(f"surgery_apply_count returned {handled!r}; return True or None")
                 if handled is not None:
@@ -313,9 +350,9 @@ def _notify(model: nn.Module, backbone: str, event: str, changes: dict) -> None:
     """Fire a before/after-resize event; a plugin's error becomes a ResizeError naming the plugin."""
     if not changes:
         return
-    for plugin, function in get_host().implementations(event):
+    for plugin, function, part in part_calls(model, backbone, event):  # every part sees every change
         try:
-            function(model=model, backbone=backbone, changes=dict(changes))
+            function(model=part.model, backbone=part.backbone, changes=dict(changes))
         except SurgeryError:
             raise
         except Exception as exc:
@@ -323,69 +360,152 @@ def _notify(model: nn.Module, backbone: str, event: str, changes: dict) -> None:
                               f"{type(exc).__name__}: {exc}; the model was left as it was") from exc
 
 
+# -- one model, one surgery at a time ------------------------------------------------------------
+
+
+class _Block:
+    """An open `tokens(...)` block: its journal and the counts to go back to."""
+
+    def __init__(self, edit: Edit, backbone: str, before: dict[str, int]) -> None:
+        self.edit, self.backbone, self.before = edit, backbone, before
+        self.undone = False
+
+    def undo(self, model: nn.Module) -> None:
+        """Put the model back as it was when the block opened (changes made inside it included)."""
+        self.undone = True
+        now = counts(model, self.backbone)
+        undo = {n: (c, self.before[n]) for n, c in now.items() if n in self.before and self.before[n] != c}
+        try:
+            _notify(model, self.backbone, "surgery_before_resize", undo)
+        finally:
+            self.edit.rollback()  # the original tensor objects, counters and recipe come back
+            _notify(model, self.backbone, "surgery_after_resize", undo)
+
+
+class _Guard:
+    """Per model: a lock serialising its surgery across threads (a `tokens(...)` block holds it
+    until it is left), and the blocks open on it, innermost last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.open: list[_Block] = []
+
+    def leave(self, block: _Block, model: nn.Module) -> None:
+        """Undo `block`. Left before blocks opened inside it, it undoes them first (innermost first)
+        and raises a NestingError once the model is back where `block` found it."""
+        if block.undone:
+            raise NestingError("a tokens(...) block was left after the block enclosing it, which had already "
+                               "put the model back (leave blocks innermost first)")
+        inner = self.open[self.open.index(block) + 1:]
+        del self.open[self.open.index(block):]
+        failure = None
+        for each in [*reversed(inner), block]:
+            try:
+                each.undo(model)
+            except BaseException as exc:  # noqa: BLE001 - every block is undone; the first error is raised after
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        if inner:
+            raise NestingError(f"a tokens(...) block was left while {len(inner)} block(s) opened inside it were "
+                               f"still open; they were undone with it, and the model is as it was before it "
+                               f"(leave blocks innermost first)")
+
+
+_GUARDS: "weakref.WeakKeyDictionary[nn.Module, _Guard]" = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard(model: nn.Module) -> _Guard:
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(model)
+        if guard is None:
+            guard = _GUARDS[model] = _Guard()
+        return guard
+
+
 @contextlib.contextmanager
-def _transaction(model: nn.Module, backbone: str) -> Iterator[Edit]:
-    """Yield a journal; on any exception roll it back (the model is as before) and re-raise."""
-    edit = Edit()
-    try:
-        yield edit
-    except Exception as exc:
-        edit.rollback()
-        if isinstance(exc, SurgeryError):
+def _transaction(model: nn.Module, backbone: str, opens_block: bool = False) -> Iterator[Edit]:
+    """Yield a journal under the model's lock; on any exception roll it back (the model is as
+    before) and re-raise. A change made inside an open `tokens(...)` block (other than the opening
+    of a nested one) joins that block's journal: leaving the block undoes it too, which keeps
+    the model consistent (the block puts back rows and counters this change has moved)."""
+    guard = _guard(model)
+    with guard.lock:
+        edit = Edit()
+        try:
+            yield edit
+        except Exception as exc:
+            edit.rollback()
+            if isinstance(exc, SurgeryError):
+                raise
+            raise ResizeError(f"changing the counts of a {backbone!r} model failed: {type(exc).__name__}: {exc}; "
+                              f"the model was left as it was") from exc
+        except BaseException:
+            edit.rollback()
             raise
-        raise ResizeError(f"changing the counts of a {backbone!r} model failed: {type(exc).__name__}: {exc}; "
-                          f"the model was left as it was") from exc
-    except BaseException:
-        edit.rollback()
-        raise
+        if guard.open and not opens_block:
+            guard.open[-1].edit.absorb(edit)
 
 
 def resize(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTORE,
            shrink: str | Mapping[str, str] = "truncate", seed: int = 0, backbone: str | None = None,
-           **requested: int) -> dict[str, tuple[int, int]]:
+           optimizer: Any = None, **requested: int) -> dict[str, tuple[int, int]]:
     """Set token counts, e.g. `resize(vit, reg_tokens=4, init="mean")`. Returns {site: (old, new)}.
 
     `init` (growth): restore (default: tokens a truncate dropped come back first, then the site's
     default), zeros, mean, normal, copy, interpolate. `shrink`: truncate (default), pool. Either
-    may be a {site: strategy} mapping. `seed` makes `normal` reproducible (recipes replay it).
-    Atomic: on any error the model is exactly as it was.
+    may be a {site: strategy} mapping (of sites the model has: any other name is a SiteError).
+    `seed` makes `normal` reproducible (recipes replay it). `optimizer` (one torch optimizer or a list): their per-parameter state follows the rows
+    (`surgery.optim`). Atomic: on any error the model (and the optimizers) are exactly as they were.
+    Serialised per model: a resize from another thread waits for this one (and for an open
+    `tokens(...)` block); one inside a `tokens(...)` block is undone when the block is left.
     """
     backbone = backbone or backbone_of(model)
+    optimizers = optim.optimizers_of(optimizer)
     if not isinstance(init, Mapping):
         strategies.check_growth(init)
     if not isinstance(shrink, Mapping):
         strategies.check_shrink(shrink)
-    planned = {n: (c, requested[n]) for n, c in counts(model, backbone).items() if n in requested}
-    validate(model, requested, backbone)
-    _notify(model, backbone, "surgery_before_resize", {n: oc for n, oc in planned.items() if oc[0] != oc[1]})
-    with _transaction(model, backbone) as edit:
-        changes = _apply(model, backbone, requested, edit, init, shrink, seed)
-        _notify(model, backbone, "surgery_after_resize", changes)
+    with _guard(model).lock:
+        planned = {n: (c, requested[n]) for n, c in counts(model, backbone).items() if n in requested}
+        validate(model, requested, backbone, init=init, shrink=shrink)
+        _notify(model, backbone, "surgery_before_resize", {n: oc for n, oc in planned.items() if oc[0] != oc[1]})
+        with _transaction(model, backbone) as edit:
+            changes = _apply(model, backbone, requested, edit, init, shrink, seed, optimizers)
+            _notify(model, backbone, "surgery_after_resize", changes)
     return changes
 
 
 @contextlib.contextmanager
 def tokens(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTORE,
            shrink: str | Mapping[str, str] = "truncate", seed: int = 0, backbone: str | None = None,
-           **requested: int) -> Iterator[nn.Module]:
+           optimizer: Any = None, **requested: int) -> Iterator[nn.Module]:
     """Temporarily run `model` with other counts; on exit (also on an exception) it is bit-exactly
-    what it was: the original tensor objects, counters and recipe are put back."""
+    what it was: the original tensor objects, counters and recipe are put back (and the original
+    state tensors of `optimizer`, which follows inside the block as with `resize`).
+
+    Only what surgery changed is put back: other attributes, parameters and submodules changed
+    inside the block stay. The block holds the model's lock: surgery from other threads waits
+    until it is left. Blocks nest; one left before a block opened inside it undoes both and
+    raises a NestingError.
+    """
     backbone = backbone or backbone_of(model)
-    before = counts(model, backbone)
-    with _transaction(model, backbone) as edit:
-        _notify(model, backbone, "surgery_before_resize",
-                {n: (before[n], c) for n, c in requested.items() if n in before and before[n] != c})
-        changes = _apply(model, backbone, requested, edit, init, shrink, seed)
-        _notify(model, backbone, "surgery_after_resize", changes)
-    undo = {n: (new, old) for n, (old, new) in changes.items()}
-    try:
-        yield model
-    finally:
+    optimizers = optim.optimizers_of(optimizer)
+    guard = _guard(model)
+    with guard.lock:  # held until the block is left
+        before = counts(model, backbone)
+        with _transaction(model, backbone, opens_block=True) as edit:
+            _notify(model, backbone, "surgery_before_resize",
+                    {n: (before[n], c) for n, c in requested.items() if n in before and before[n] != c})
+            changes = _apply(model, backbone, requested, edit, init, shrink, seed, optimizers)
+            _notify(model, backbone, "surgery_after_resize", changes)
+        block = _Block(edit, backbone, before)
+        guard.open.append(block)
         try:
-            _notify(model, backbone, "surgery_before_resize", undo)
+            yield model
         finally:
-            edit.rollback()  # the original tensor objects, counters and recipe come back
-            _notify(model, backbone, "surgery_after_resize", undo)
+            guard.leave(block, model)
 
 
 # -- recipes -------------------------------------------------------------------------------------
@@ -416,7 +536,35 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str | Mapping) -> "Recipe":
-        data = json.loads(text) if isinstance(text, str) else text
+        """The recipe `to_json` wrote (its text, or that text decoded). Recipes come from files, so
+        every field is checked: a malformed one is a RecipeError naming the step and the field."""
+        from .errors import RecipeError, short_repr
+
+        try:
+            data = json.loads(text) if isinstance(text, (str, bytes)) else text
+        except (ValueError, RecursionError) as exc:
+            raise RecipeError(f"recipe is not valid JSON: {type(exc).__name__}: {exc}") from None
+        if not (isinstance(data, Mapping) and isinstance(data.get("backbone"), str)
+                and isinstance(data.get("steps"), (list, tuple))):
+            raise RecipeError(f'a recipe is an object {{"backbone": str, "steps": [...]}}, got '
+                              f"{type(data).__name__} {short_repr(data)}")
+        fields = {"site": str, "from": int, "to": int, "init": str, "shrink": str, "seed": int}
+        for i, step in enumerate(data["steps"], 1):
+            if not isinstance(step, Mapping) or set(step) != set(fields):
+                got = sorted(map(str, step)) if isinstance(step, Mapping) else type(step).__name__
+                raise RecipeError(f"recipe step {i}: expected the fields {', '.join(fields)}, got {short_repr(got)}")
+            for key, kind in fields.items():
+                value = step[key]
+                if isinstance(value, bool) or not isinstance(value, kind) or (key in ("from", "to") and value < 0):
+                    want = "a count (an integer >= 0)" if key in ("from", "to") else f"a {kind.__name__}"
+                    raise RecipeError(f"recipe step {i}: {key} must be {want}, got {short_repr(value)}")
+            checks = ((step["init"], strategies.GROWTH_NAMES), (step["shrink"], strategies.SHRINK_NAMES))
+            for value, allowed in checks:
+                if value not in allowed:
+                    raise RecipeError(f"recipe step {i}: unknown strategy {short_repr(value)}; "
+                                      f"allowed: {', '.join(allowed)}")
+            if not -(1 << 63) <= step["seed"] < (1 << 64):
+                raise RecipeError(f"recipe step {i}: seed {step['seed']} is outside what a torch generator takes")
         return cls(backbone=data["backbone"], steps=tuple(dict(s) for s in data["steps"]))
 
     def replay(self, model: nn.Module) -> None:

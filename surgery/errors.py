@@ -40,6 +40,14 @@ class ResizeError(SurgeryError):
     """A step of a resize failed (a plugin's error, out of memory, ...); the model was rolled back."""
 
 
+class OptimizerError(SurgeryError, TypeError):
+    """`optimizer=` given something that is not a torch optimizer (or a list of them)."""
+
+
+class NestingError(SurgeryError, RuntimeError):
+    """`tokens(...)` blocks of one model left out of order (the model is put back consistently first)."""
+
+
 class OpInputError(SurgeryError, ValueError):
     """Bad input to a fused op (dtype or device mismatch, wrong rank or shape, empty tensor)."""
 
@@ -86,6 +94,8 @@ __all__ = [
     "CountError",
     "StrategyError",
     "ResizeError",
+    "OptimizerError",
+    "NestingError",
     "OpInputError",
     "BackendUnavailableError",
     "CheckpointError",

@@ -187,10 +187,11 @@ def test_repeated_truncations_stash_without_copying_earlier_rows_and_restore_in_
     model = make(prompts=6)
     original = model.prompts.detach().clone()
     surgery.resize(model, prompts=4, shrink="truncate")
-    first_chunk = surgery.engine.model_state(model).stash["prompts:prompts"][0]
+    first = surgery.engine.model_state(model).stash["prompts"][0]
     surgery.resize(model, prompts=1, shrink="truncate")
-    chunks = surgery.engine.model_state(model).stash["prompts:prompts"]
-    assert [c.shape[0] for c in chunks] == [3, 2] and chunks[1] is first_chunk  # the earlier rows, not a copy
+    pieces = surgery.engine.model_state(model).stash["prompts"]
+    assert [p.values.shape[0] for p in pieces] == [2, 3] and pieces[0] is first  # the earlier rows, not a copy
+    assert torch.equal(first.values, original[4:]) and torch.equal(pieces[1].values, original[1:4])
     surgery.resize(model, prompts=3)  # restore takes from the front: rows 1 and 2
     assert torch.equal(model.prompts, original[:3])
     surgery.resize(model, prompts=6)
@@ -404,12 +405,71 @@ def test_end_anchored_block_grows_in_front_and_truncates_from_front(toy_host, mo
 @pytest.mark.parametrize("step", [1, 2, 3, 100])
 def test_rows_are_reversed_a_few_at_a_time(monkeypatch, n, step):
     """The end-anchored path turns rows around through small temporaries: same as torch.flip."""
-    from surgery import engine
+    from surgery import rows
 
-    monkeypatch.setattr(engine, "_chunk_rows", lambda x: step)
+    monkeypatch.setattr(rows, "_chunk_rows", lambda x: step)
     src = torch.arange(n * 6.0).reshape(n, 2, 3)
     dst = torch.empty(2, n, 3).movedim(1, 0)  # a strided destination, as the engine's rows are
-    engine._copy_reversed(dst, src)
+    rows._copy_reversed(dst, src)
     assert torch.equal(dst, src.flip(0))
-    engine._reverse_rows_(dst)
+    rows._reverse_rows_(dst)
     assert torch.equal(dst, src)
+
+
+# -- strategy mappings and declarations are checked before anything changes -------------------------
+
+
+@pytest.mark.parametrize("option", ["init", "shrink"])
+def test_unknown_site_in_a_strategy_mapping_is_refused_naming_it_and_the_sites(toy_host, option):
+    model = make(prompts=2)
+    before = snapshot(model)
+    with pytest.raises(SiteError, match=r"names 'prompt'.*its sites: prompts, query_len, query_layer, memory"):
+        surgery.resize(model, prompts=3, **{option: {"prompt": "zeros" if option == "init" else "pool"}})
+    with pytest.raises(SiteError, match="names 'prompt'"):
+        with surgery.tokens(model, prompts=1, **{option: {"prompt": "mean" if option == "init" else "truncate"}}):
+            pass
+    assert_same(before, snapshot(model))
+    with pytest.raises(StrategyError, match="unknown init strategy 'bogus'"):  # a site not resized: still checked
+        surgery.resize(model, prompts=3, init={"prompts": "zeros", "memory": "bogus"})
+    assert_same(before, snapshot(model))
+
+
+def _broken_declaration(monkeypatch, site_index, **changes):
+    import dataclasses
+
+    import toy_backbone
+
+    real = toy_backbone.toy_sites
+
+    def broken(model):
+        found = real(model)
+        site = found[site_index]
+        site.tensors[0] = dataclasses.replace(site.tensors[0], **changes)
+        return found
+
+    monkeypatch.setattr(toy_backbone, "toy_sites", broken)
+
+
+@pytest.mark.parametrize("site, index, changes, match", [
+    ("prompts", 0, {"axis": 1}, r"tensor prompts, along axis 1 its extent is 8, not start \+ count = 0 \+ 2"),
+    ("prompts", 0, {"start": 1, "coupled": False}, r"tensor prompts, .*extent is 2, not start \+ count = 1 \+ 2"),
+    ("query_len", 1, {"axis": 0}, r"tensor adapter.weight, along axis 0 its extent is 2, not start \+ count = 0 \+ 3"),
+    ("memory", 3, {"axis": 0}, r"tensor memory, along axis 0 its extent is 1, not start \+ count = 0 \+ 2"),
+])
+def test_a_declaration_whose_extent_is_not_its_block_is_refused(toy_host, monkeypatch, site, index, changes, match):
+    """Declared on the wrong axis, the wrong dimension would grow: refused before anything changes."""
+    model = make(prompts=2, memory=2)
+    before = snapshot(model)
+    _broken_declaration(monkeypatch, index, **changes)
+    with pytest.raises(SiteError, match=rf"site '{site}'.*{match}"):
+        surgery.resize(model, **{site: 4})
+    assert_same(before, snapshot(model))
+
+
+def test_an_attribute_the_module_lacks_is_refused_by_name(toy_host, monkeypatch):
+    model = make(memory=0)
+    before = snapshot(model)
+    _broken_declaration(monkeypatch, 3, name="memroy")
+    with pytest.raises(SiteError, match=r"site 'memory'.*memroy"):
+        surgery.resize(model, memory=2)
+    assert_same(before, snapshot(model))

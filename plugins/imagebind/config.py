@@ -9,6 +9,11 @@ sites change it on a built model.
 
     ImageBindConfig.named("huge")                         # the released architecture
     ImageBindConfig.named("tiny", num_cls_tokens={"vision": 4}, head_mode="all")
+    ImageBindConfig.named("huge_w3d")                     # ImageBind-LLM's copy: + point clouds
+
+The `_w3d` configs add ImageBind-LLM's seventh modality, `point` (the `imagebind_w3D.pth`
+architecture): a Point-BERT encoder over farthest-point-sampled groups (`points.py`,
+`point_encoder.py`), whose widths come from upstream's `PointTransformer_8192point.yaml`.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Any, Mapping
 from surgery.errors import ModelConfigError as ConfigError  # the core's classes, under this plugin's names
 from surgery.errors import ModelInputError as InputError
 
-MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")
-CLS_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")  # text has a causal mask and an EOT head
+MODALITIES = ("vision", "text", "audio", "depth", "thermal", "imu")  # upstream ImageBind's six
+POINT = "point"  # ImageBind-LLM's seventh (`imagebind_w3D.pth`): point clouds through Point-BERT
+ALL_MODALITIES = (*MODALITIES, POINT)
+CLS_MODALITIES = ("vision", "audio", "depth", "thermal", "imu")  # CLS tokens in the preprocessor; text has none
+HEAD_MODALITIES = (*CLS_MODALITIES, POINT)  # heads that read CLS tokens (first | mean | all): all but text
 HEAD_MODES = ("first", "mean", "all")
 
 
@@ -46,8 +54,14 @@ class ModalityConfig:
     # text only
     vocab_size: int = 0
     context_length: int = 0
-    head_dropout: float = 0.0  # imu: Dropout(0.5) between the head's LayerNorm and projection
+    head_dropout: float = 0.0  # imu, point: Dropout(0.5) between the head's LayerNorm and projection
     logit_scale: float | None = None  # fixed scale after normalising (None: none; text's is learned)
+    # point only (Point-BERT); input_size is (points per cloud,), what the loaders resample to
+    num_groups: int = 0  # farthest-point-sampled centres, one token each (upstream 512)
+    group_size: int = 0  # nearest neighbours per centre (upstream 32)
+    group_dim: int = 0  # the mini-PointNet's output per group, before reduce_dim (upstream encoder_dims 256)
+    point_dim: int = 0  # pc_projection's output, the point head's input (upstream 512)
+    fps_seed: int | None = None  # None: sampling starts at each cloud's point 0; an int: a seeded random start
 
 
 @dataclass
@@ -60,11 +74,11 @@ class ImageBindConfig:
     max_logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.modalities if m not in MODALITIES]
+        unknown = [m for m in self.modalities if m not in ALL_MODALITIES]
         if unknown:
-            raise ConfigError(f"unknown modalities {unknown}; ImageBind has {', '.join(MODALITIES)}")
+            raise ConfigError(f"unknown modalities {unknown}; ImageBind has {', '.join(ALL_MODALITIES)}")
         if not self.modalities:
-            raise ConfigError(f"an ImageBind config needs at least one of {', '.join(MODALITIES)}")
+            raise ConfigError(f"an ImageBind config needs at least one of {', '.join(ALL_MODALITIES)}")
         for name, m in self.modalities.items():
             if m.embed_dim % m.num_heads:
                 raise ConfigError(f"{name}: embed_dim {m.embed_dim} is not divisible by num_heads {m.num_heads}")
@@ -76,6 +90,8 @@ class ImageBindConfig:
             if m.num_cls_tokens == 0 and m.head_mode != "first":
                 raise ConfigError(f"{name}: head_mode {m.head_mode!r} reads the CLS tokens and there are none; "
                                   f"use num_cls_tokens >= 1 or head_mode 'first'")
+            if name == POINT:
+                check_point_config(m)
 
     @property
     def num_cls_tokens(self) -> dict[str, int]:
@@ -99,7 +115,7 @@ class ImageBindConfig:
             _modality(config, modality).num_cls_tokens = count
         if head_mode is not None:
             modes = head_mode if isinstance(head_mode, Mapping) else {m: head_mode for m in config.modalities
-                                                                    if m in CLS_MODALITIES}
+                                                                    if m in HEAD_MODALITIES}
             for modality, mode in modes.items():
                 if modality == "text":
                     raise ConfigError("text has no CLS-token head mode: its head reads the EOT token")
@@ -114,6 +130,25 @@ class ImageBindConfig:
 TEXT_CLS_REASON = ("text cannot have CLS tokens: its trunk uses a causal attention mask, under which a CLS "
                    "token placed first would see no text at all, and its head reads the end-of-text token "
                    "(upstream: 'Masking + CLS token isn't implemented')")
+
+
+POINT_CLS_REASON = ("the point feature is [CLS token, max over groups] (pc_projection reads both halves), "
+                    "so point needs at least one CLS token")
+
+
+def check_point_config(m: ModalityConfig) -> None:
+    if m.num_cls_tokens < 1:
+        raise ConfigError(f"point: num_cls_tokens must be >= 1: {POINT_CLS_REASON}")
+    sizes = {"num_groups": m.num_groups, "group_size": m.group_size, "group_dim": m.group_dim,
+             "point_dim": m.point_dim}
+    bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        raise ConfigError(f"point: {', '.join(f'{k}={v!r}' for k, v in bad.items())}; each must be an integer >= 1")
+    if len(m.input_size) != 1 or m.input_size[0] < max(m.num_groups, m.group_size):
+        raise ConfigError(f"point: input_size must be (points per cloud,) with at least num_groups "
+                          f"({m.num_groups}) and group_size ({m.group_size}) points, got {m.input_size}")
+    if m.fps_seed is not None and (isinstance(m.fps_seed, bool) or not isinstance(m.fps_seed, int)):
+        raise ConfigError(f"point: fps_seed must be None (start at point 0) or an integer seed, got {m.fps_seed!r}")
 
 
 def check_head_mode(mode: str, modality: str = "") -> str:
@@ -146,6 +181,21 @@ def _huge() -> ImageBindConfig:
     })
 
 
+def _point(width: int, blocks: int, heads: int, points: int, groups: int, group_size: int, group_dim: int,
+           point_dim: int, drop_path: float) -> ModalityConfig:
+    """The Point-BERT encoder: `width` = trans_dim; the head's dropout and fixed scale 1 are upstream's."""
+    return ModalityConfig(width, blocks, heads, drop_path=drop_path, in_chans=3, input_size=(points,),
+                          num_groups=groups, group_size=group_size, group_dim=group_dim, point_dim=point_dim,
+                          head_dropout=0.5, logit_scale=1.0)
+
+
+def _with_point(config: ImageBindConfig, point: ModalityConfig) -> ImageBindConfig:
+    with_point = copy.deepcopy(config)
+    with_point.modalities[POINT] = point
+    with_point.__post_init__()
+    return with_point
+
+
 def _small(width: int, blocks: int, heads: int, out: int, image: int, vocab: int, context: int) -> ImageBindConfig:
     """Upstream's layout at a smaller scale: same stems, kernels and options, fewer pixels.
 
@@ -173,7 +223,16 @@ CONFIGS: dict[str, ImageBindConfig] = {
     # benchmarks: a quick run of the whole grid
     "small": _small(width=256, blocks=4, heads=4, out=128, image=112, vocab=49408, context=77),
 }
+# ImageBind-LLM's copy (`imagebind_w3D.pth`): the same six and `point`; upstream's yaml: trans_dim 384,
+# depth 12, 6 heads, drop path 0.1, 512 groups of 32 of 8192 points, encoder_dims 256; pc_projection 768 x 512
+CONFIGS["huge_w3d"] = _with_point(CONFIGS["huge"], _point(384, 12, 6, points=8192, groups=512, group_size=32,
+                                                          group_dim=256, point_dim=512, drop_path=0.1))
+CONFIGS["tiny_w3d"] = _with_point(CONFIGS["tiny"], _point(32, 2, 2, points=64, groups=8, group_size=8,
+                                                          group_dim=16, point_dim=24, drop_path=0.1))
+CONFIGS["small_w3d"] = _with_point(CONFIGS["small"], _point(256, 4, 4, points=2048, groups=128, group_size=32,
+                                                            group_dim=128, point_dim=256, drop_path=0.1))
 
 
-__all__ = ["MODALITIES", "CLS_MODALITIES", "HEAD_MODES", "ConfigError", "InputError", "ModalityConfig", "ImageBindConfig",
-           "CONFIGS", "TEXT_CLS_REASON", "check_head_mode"]
+__all__ = ["MODALITIES", "POINT", "ALL_MODALITIES", "CLS_MODALITIES", "HEAD_MODALITIES", "HEAD_MODES", "ConfigError",
+           "InputError", "ModalityConfig", "ImageBindConfig", "CONFIGS", "TEXT_CLS_REASON", "POINT_CLS_REASON",
+           "check_head_mode", "check_point_config"]

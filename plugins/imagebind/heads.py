@@ -10,11 +10,13 @@ the head's `mode` (per modality):
 
 `all` is what feeds k visual tokens to a language model (ImageBind-LLM). The Sequential layout
 is kept (`0` norm, `1` select, `2`/`3` projection), so the key names are upstream's. The text
-head normalises and projects the end-of-text token (`proj.0`, `proj.1`).
+head normalises and projects the end-of-text token (`proj.0`, `proj.1`). The point head
+(ImageBind-LLM) receives one feature per CLS token from its trunk and reads them by the same
+modes (`0` norm, `1` dropout, `2` projection, upstream's layout).
 
 Postprocessors: `Normalize` (L2, last dim; for `all` every token alone), then a logit scale:
 text's is learned (`log_logit_scale` parameter, init log(1/0.07)), the others are fixed buffers
-(audio 20, depth 5, thermal 10, imu 5); the scale is clipped at 100.
+(audio 20, depth 5, thermal 10, imu 5, point 1); the scale is clipped at 100.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, ModalityConfig, check_head_mode
+from .config import POINT, ConfigError, ModalityConfig, check_head_mode
 
 
 class SelectCls(nn.Module):
@@ -62,6 +64,10 @@ class ClsHead(nn.Sequential):
     def mode(self) -> str:
         return self[1].mode
 
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self[1].mode = check_head_mode(value)
+
     def forward(self, x: torch.Tensor, num_cls_tokens: int = 1, mode: str | None = None) -> torch.Tensor:
         norm, select, *rest = self
         mode = select.mode if mode is None else check_head_mode(mode)
@@ -71,6 +77,27 @@ class ClsHead(nn.Sequential):
         for layer in rest:
             x = layer(x)                           # [B, out] or [B, k, out]
         return x
+
+
+class PointHead(nn.Sequential):
+    """Point: LayerNorm(P, eps 1e-6) -> Dropout -> bias-free projection (upstream's `0`, `1`, `2`).
+
+    Its trunk already gives one P-wide feature per CLS token ([B, k, P]: each CLS token beside the
+    max over the groups, projected), so the head selects among those by `mode`, as the CLS heads
+    do: `first` feature 0, `mean` of the normalised features, `all`."""
+
+    def __init__(self, cfg: ModalityConfig, out_dim: int) -> None:
+        super().__init__(nn.LayerNorm(cfg.point_dim, eps=1e-6), nn.Dropout(cfg.head_dropout),
+                         nn.Linear(cfg.point_dim, out_dim, bias=False))
+        self.mode = check_head_mode(cfg.head_mode)  # a plain attribute: no module, no key
+
+    def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        norm, dropout, proj = self
+        mode = self.mode if mode is None else check_head_mode(mode)
+        x = norm(x[:, 0] if mode == "first" else x)  # [B, P] or [B, k, P]
+        if mode == "mean":
+            x = x.mean(dim=1)                        # [B, P]
+        return proj(dropout(x))                      # [B, out] or [B, k, out]
 
 
 class EotHead(nn.Module):
@@ -107,6 +134,8 @@ class LogitScale(nn.Module):
 
 
 def make_head(modality: str, cfg: ModalityConfig, out_dim: int) -> nn.Module:
+    if modality == POINT:
+        return PointHead(cfg, out_dim)
     return EotHead(cfg, out_dim) if modality == "text" else ClsHead(cfg, out_dim)
 
 
@@ -118,4 +147,4 @@ def make_postprocessor(modality: str, cfg: ModalityConfig, text_scale: float, ma
     return nn.Sequential(Normalize(), LogitScale(cfg.logit_scale, learnable=False, max_logit_scale=max_scale))
 
 
-__all__ = ["SelectCls", "ClsHead", "EotHead", "Normalize", "LogitScale", "make_head", "make_postprocessor"]
+__all__ = ["SelectCls", "ClsHead", "PointHead", "EotHead", "Normalize", "LogitScale", "make_head", "make_postprocessor"]

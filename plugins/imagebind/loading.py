@@ -33,10 +33,11 @@ from torch import nn
 from surgery.checkpoint import _listing, read_checkpoint
 from surgery.errors import CheckpointError
 
-from .config import CLS_MODALITIES, MODALITIES, ImageBindConfig
+from .config import ALL_MODALITIES, HEAD_MODALITIES, POINT, ImageBindConfig
 
 URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"  # upstream's release (nothing is downloaded here)
 GROUPS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
+POINT_TRUNK = "point_trunk"  # ImageBind-LLM's point encoder sits at the top level: point_trunk.*
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,8 +57,8 @@ def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[s
     foreign, kept, skipped = [], {}, set()
     for key, value in state_dict.items():
         group, _, rest = key.partition(".")
-        modality = rest.partition(".")[0]
-        if group not in GROUPS or modality not in MODALITIES:
+        modality = POINT if group == POINT_TRUNK else rest.partition(".")[0]
+        if (group not in GROUPS and group != POINT_TRUNK) or modality not in ALL_MODALITIES:
             foreign.append(key)
         elif modality in modalities:
             kept[key] = value
@@ -65,7 +66,7 @@ def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[s
             skipped.add(modality)
     if foreign:
         raise CheckpointError(f"not an ImageBind checkpoint: {len(foreign)} of its {len(state_dict)} keys are not "
-                              f"'<{'|'.join(GROUPS)}>.<modality>.*' ({_listing(foreign)})")
+                              f"'<{'|'.join(GROUPS)}>.<modality>.*' or '{POINT_TRUNK}.*' ({_listing(foreign)})")
     if not kept:
         raise CheckpointError(f"the checkpoint has none of the model's modalities ({', '.join(modalities)}); "
                               f"it has {', '.join(sorted(skipped)) or 'no weights'}")
@@ -106,7 +107,7 @@ def imagebind_huge(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | 
             base.__post_init__()
     else:
         base = ImageBindConfig.named(config, modalities=modalities)
-    modes = {m: c.head_mode for m, c in base.modalities.items() if m in CLS_MODALITIES}
+    modes = {m: c.head_mode for m, c in base.modalities.items() if m in HEAD_MODALITIES}
     if head_mode is not None:
         modes.update(head_mode if isinstance(head_mode, Mapping) else {m: head_mode for m in modes})
     if checkpoint is None:

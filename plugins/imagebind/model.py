@@ -1,4 +1,4 @@
-"""ImageBindModel: six modality encoders into one joint embedding space.
+"""ImageBindModel: six (with ImageBind-LLM's point clouds, seven) modality encoders into one joint space.
 
     model = ImageBindModel(ImageBindConfig.named("huge"))
     out = model({"vision": images, "text": tokens, "audio": mels})   # {modality: [B, 1024]}
@@ -10,6 +10,11 @@ upstream's `imagebind_huge()` loads strictly. Forward as upstream's: an input wi
 dims is (B, S, ...) S clips per item (audio (B, 3, 1, 128, 204), video (B, 15, 3, 2, 224, 224)),
 encoded as B * S items and averaged over S after the postprocessor (the mean is not
 renormalised, as upstream).
+
+The point modality (configs `*_w3d`) is laid out as in ImageBind-LLM's copy: its encoder is the
+top-level `point_trunk` (no entry in `modality_preprocessors` or `modality_trunks`), its head and
+postprocessor are `modality_heads.point` and `modality_postprocessors.point`; its input is
+(B, N, 3) point clouds (`point_loading.py` reads files).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .config import CLS_MODALITIES, ConfigError, ImageBindConfig, InputError, check_head_mode
+from .config import HEAD_MODALITIES, POINT, ConfigError, ImageBindConfig, InputError, check_head_mode
 from .heads import make_head, make_postprocessor
+from .point_encoder import PointTrunk
 from .preprocessors import IMUPreprocessor, PatchPreprocessor, TextPreprocessor
 from .trunk import Trunk
 
@@ -42,18 +48,23 @@ class ImageBindModel(nn.Module):
         # a copy: the token sites keep the config's counts in step, and must not edit the caller's
         self.config = config = copy.deepcopy(config) if config is not None else ImageBindConfig.named("huge")
         mods = config.modalities
-        self.modality_preprocessors = nn.ModuleDict({m: make_preprocessor(m, c) for m, c in mods.items()})
-        self.modality_trunks = nn.ModuleDict({m: Trunk(c) for m, c in mods.items()})
+        patched = {m: c for m, c in mods.items() if m != POINT}  # the point encoder is laid out apart (upstream)
+        self.modality_preprocessors = nn.ModuleDict({m: make_preprocessor(m, c) for m, c in patched.items()})
+        self.modality_trunks = nn.ModuleDict({m: Trunk(c) for m, c in patched.items()})
         self.modality_heads = nn.ModuleDict({m: make_head(m, c, config.out_embed_dim) for m, c in mods.items()})
         self.modality_postprocessors = nn.ModuleDict({
             m: make_postprocessor(m, c, config.text_logit_scale_init, config.max_logit_scale) for m, c in mods.items()})
+        if POINT in mods:
+            self.point_trunk = PointTrunk(mods[POINT])
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.modality_preprocessors)
+        return tuple(self.modality_heads)
 
     def num_cls_tokens(self, modality: str) -> int:
-        return self.modality_preprocessors[self._check_modality(modality)].num_cls_tokens
+        if self._check_modality(modality) == POINT:
+            return self.point_trunk.num_cls_tokens
+        return self.modality_preprocessors[modality].num_cls_tokens
 
     def head_mode(self, modality: str) -> str:
         head = self.modality_heads[self._check_modality(modality)]
@@ -62,21 +73,21 @@ class ImageBindModel(nn.Module):
     def set_head_mode(self, mode: str | Mapping[str, str]) -> None:
         """Set how the heads read CLS tokens: one mode for every CLS modality, or {modality: mode}.
         Checked for every modality first: on an error nothing is changed."""
-        modes = dict(mode) if isinstance(mode, Mapping) else {m: mode for m in self.modalities if m in CLS_MODALITIES}
+        modes = dict(mode) if isinstance(mode, Mapping) else {m: mode for m in self.modalities if m in HEAD_MODALITIES}
         for modality, m in modes.items():
             self._check_modality(modality)
-            if modality not in CLS_MODALITIES:
+            if modality not in HEAD_MODALITIES:
                 raise ConfigError(f"{modality} has no CLS-token head mode: its head reads the end-of-text token")
             check_head_mode(m, modality)
             if m != "first" and self.num_cls_tokens(modality) == 0:
                 raise ConfigError(f"{modality}: head mode {m!r} reads the CLS tokens and there are none; "
                                   f"grow num_cls_tokens.{modality} first")
         for modality, m in modes.items():
-            self.modality_heads[modality][1].mode = m
+            self.modality_heads[modality].mode = m
             self.config.modalities[modality].head_mode = m
 
     def _check_modality(self, modality: str) -> str:
-        if modality not in self.modality_preprocessors:
+        if modality not in self.modality_heads:
             raise InputError(f"unknown modality {modality!r}; this model has {', '.join(self.modalities)}")
         return modality
 
@@ -85,6 +96,9 @@ class ImageBindModel(nn.Module):
         self._check_modality(modality)
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{modality}: expected a tensor, got {type(x).__name__}")
+        if modality == POINT:
+            features = self.point_trunk(x)  # [B, k, P]: one per CLS token
+            return self.modality_postprocessors[POINT](self.modality_heads[POINT](features, head_mode))
         clips = x.shape[:2] if x.ndim >= CLIP_NDIM else None
         if clips is not None:
             x = x.reshape(clips[0] * clips[1], *x.shape[2:])  # [B * S, ...]
@@ -113,7 +127,7 @@ class ImageBindModel(nn.Module):
         if isinstance(head_mode, Mapping):
             for modality, mode in head_mode.items():
                 self._check_modality(modality)
-                if modality not in CLS_MODALITIES:
+                if modality not in HEAD_MODALITIES:
                     raise ConfigError(f"{modality} has no CLS-token head mode: its head reads the end-of-text token")
                 check_head_mode(mode, modality)
         elif head_mode is not None:

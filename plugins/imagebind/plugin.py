@@ -7,6 +7,8 @@
     num_cls_tokens.imu      cls_token and the first k rows of the preprocessor's own pos_embed
     num_cls_tokens.text     fixed at 0: the causal mask and the EOT head leave no place for CLS
                             tokens; asking for one is a CountError that says so
+    num_cls_tokens.point    (ImageBind-LLM's `_w3d` models) point_trunk.point_encoder.cls_token and
+                            cls_pos (1, k, D), k >= 1: the point feature is [CLS, max over groups]
 
 Each site is applied by the core engine from its declaration (init strategies, atomicity, exact
 undo, recipes, checkpoints of other counts); the counters keep the preprocessor's
@@ -32,7 +34,7 @@ from torch import nn
 from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
-from .config import CLS_MODALITIES, TEXT_CLS_REASON
+from .config import CLS_MODALITIES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON
 
 BACKBONE = "imagebind"
 SITE_PREFIX = "num_cls_tokens."
@@ -94,6 +96,28 @@ def text_site(model: nn.Module) -> TokenSite:
                      description="text has no CLS tokens (fixed at 0)")
 
 
+def point_site(model: nn.Module) -> TokenSite:
+    """The point encoder's CLS tokens and their positional embeddings, two (1, k, D) tensors; the
+    state dict's count is read from `cls_token` (the engine's default reading)."""
+    enc = model.point_trunk.point_encoder
+    return TokenSite(
+        name=SITE_PREFIX + POINT,
+        count=enc.num_cls_tokens,
+        tensors=[TokenTensor(enc, "cls_token", axis=1), TokenTensor(enc, "cls_pos", axis=1, coupled=True)],
+        counters=[Counter(enc, "num_cls_tokens"), Counter(model.config.modalities[POINT], "num_cls_tokens")],
+        min=1,
+        default_init="normal",
+        note=POINT_CLS_REASON,
+        description="point CLS tokens: cls_token and cls_pos (trained with 1; more are an experiment until trained)",
+    )
+
+
+def modality_site(model: nn.Module, modality: str) -> TokenSite:
+    if modality == POINT:
+        return point_site(model)
+    return cls_site(model, modality) if modality in CLS_MODALITIES else text_site(model)
+
+
 # -- hooks ---------------------------------------------------------------------------------------
 
 
@@ -106,7 +130,7 @@ def surgery_register_backbones(register):
 def surgery_token_sites(model, backbone):
     if backbone != BACKBONE:
         return None
-    return [cls_site(model, m) if m in CLS_MODALITIES else text_site(model) for m in model.modalities]
+    return [modality_site(model, m) for m in model.modalities]
 
 
 def example_inputs(model: nn.Module, batch: int = 2) -> tuple[dict[str, torch.Tensor]]:
@@ -123,7 +147,9 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[dict[str, torch.Te
             ids[torch.arange(batch), ends] = vocab - 1           # EOT: the largest id
             inputs[modality] = ids.to(like.device)
             continue
-        if modality == "vision":
+        if modality == POINT:
+            shape = (batch, cfg.input_size[0], 3)  # clouds of (x, y, z)
+        elif modality == "vision":
             shape = (batch, cfg.in_chans, *cfg.input_size[1:])  # images
         else:
             shape = (batch, cfg.in_chans, *cfg.input_size)
@@ -151,6 +177,13 @@ MODELS = {
     "imagebind_small": ("small", "cpu", "scaled-down ImageBind (width 256, 4 blocks) for quick benchmarks"),
     "imagebind_huge": ("huge", "meta", "the released imagebind_huge architecture (1.2B parameters), on the meta "
                                        "device unless device=... is given; load weights with load_imagebind"),
+    "imagebind_tiny_w3d_test": ("tiny_w3d", "cpu", "tiny ImageBind with ImageBind-LLM's point modality (64 points, "
+                                                   "8 groups of 8) for tests"),
+    "imagebind_small_w3d": ("small_w3d", "cpu", "scaled-down ImageBind with the point modality (2048 points) for "
+                                                "quick benchmarks"),
+    "imagebind_huge_w3d": ("huge_w3d", "meta", "ImageBind-LLM's imagebind_w3D architecture (imagebind_huge + the "
+                                               "Point-BERT point encoder), on the meta device unless device=... is "
+                                               "given; load weights with load_imagebind"),
 }
 
 

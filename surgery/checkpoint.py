@@ -1,6 +1,6 @@
 """Checkpoints: save a model with its token counts, load one whose counts differ from the model's.
 
-    surgery.save(model, "edited.safetensors")              # weights + {"surgery": counts, recipe, ...}
+    surgery.save(model, "edited.safetensors")              # weights + {"surgery": counts, recipe, options, ...}
     surgery.load("edited.safetensors", fresh_model)        # replays the recipe, then loads the weights
     surgery.load("timm_reg4.pth", reg0_model)              # the model grows to 4 registers, then loads
     surgery.load_state_dict(model, sd, mismatch="checkpoint")  # the model keeps its counts instead
@@ -37,6 +37,7 @@ from . import strategies
 from .edit import Edit
 from .engine import Recipe, _apply, _notify, _set_state, backbone_of, counts, model_state, sites, validate
 from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError
+from .options import OPTIONS_KEY, apply_options, model_options, saved_options
 from .site import module_paths
 
 FORMAT = 1  # version of the "surgery" metadata entry
@@ -80,11 +81,13 @@ def surgery_metadata(model: nn.Module) -> dict[str, Any]:
         "model_kwargs": dict(state.model_kwargs),
         "counts": counts(model, recipe.backbone),
         "recipe": json.loads(recipe.to_json()),
+        OPTIONS_KEY: model_options(model, recipe.backbone),  # plugin-owned state outside the weights
     }
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `model`'s weights as safetensors, with its counts and recipe under the "surgery" key.
+    """Write `model`'s weights as safetensors, with its counts, recipe and plugin options
+    (`surgery.options`) under the "surgery" key.
 
     Tied tensors (one tensor under several keys) are written once by `safetensors.torch.save_model`;
     `load` fills the other keys back in from the model's own tying. `metadata` adds string
@@ -301,7 +304,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
     """
     state_dict, metadata = read_checkpoint(path)
     info = metadata.get(META_KEY) or {}
-    recipe = None
+    recipe, options = None, {}
     if info:
         if not isinstance(info.get("format"), int) or info["format"] > FORMAT:
             raise CheckpointError(f"checkpoint {path}: {META_KEY!r} metadata format {info.get('format')!r} is not "
@@ -315,8 +318,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
                 recipe = Recipe.from_json(info["recipe"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint {path}: its recipe is malformed: {exc!r}") from exc
+        options = saved_options(info, f"checkpoint {path}")
     return _load(model, state_dict, strict=strict, mismatch=mismatch, init=init, shrink=shrink, seed=seed,
-                 recipe=recipe, where=f"checkpoint {path}")
+                 recipe=recipe, where=f"checkpoint {path}", options=options)
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
@@ -336,7 +340,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
 
 
 def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str, init, shrink, seed: int,
-          recipe: Recipe | None, where: str) -> LoadResult:
+          recipe: Recipe | None, where: str, options: Mapping[str, Any] | None = None) -> LoadResult:
     if mismatch not in ("model", "checkpoint"):
         raise CheckpointError(f"mismatch must be 'model' (resize the model to the checkpoint's counts) or "
                               f"'checkpoint' (fit the checkpoint's tensors to the model's counts), got {mismatch!r}")
@@ -346,17 +350,20 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
         strategies.check_shrink(shrink)
     backbone = backbone_of(model)
     sd = _tensors_only(state_dict, where)
-    found = state_dict_counts(model, sd, backbone)
-    try:
-        validate(model, found, backbone)
-    except SurgeryError as exc:  # counts this model cannot take: often not a checkpoint of it at all
-        problems = _check_keys(model, dict(sd), strict)[0]
-        raise CheckpointError(f"{where} does not fit the model: its token counts {found} cannot be applied "
-                              f"({exc})" + "".join(f"; {p}" for p in problems)) from exc
     journal = _Journal(model, backbone)
-    replay = (mismatch == "model" and recipe is not None and bool(recipe.steps) and recipe.backbone == backbone
-              and all(journal.start.get(n) == c for n, c in recipe.initial.items()))
     try:
+        # the file's options first where the model takes them as it is (they may allow its counts:
+        # ImageBind's `first` lets a count go to 0); the others once the counts are the file's
+        pending = apply_options(model, options or {}, journal.edit, backbone=backbone, where=where, only_valid=True)
+        found = state_dict_counts(model, sd, backbone)
+        try:
+            validate(model, found, backbone)
+        except SurgeryError as exc:  # counts this model cannot take: often not a checkpoint of it at all
+            problems = _check_keys(model, dict(sd), strict)[0]
+            raise CheckpointError(f"{where} does not fit the model: its token counts {found} cannot be applied "
+                                  f"({exc})" + "".join(f"; {p}" for p in problems)) from exc
+        replay = (mismatch == "model" and recipe is not None and bool(recipe.steps) and recipe.backbone == backbone
+                  and all(journal.start.get(n) == c for n, c in recipe.initial.items()))
         if replay:
             _replay(journal, recipe, where)
         journal.resize(found, init, shrink, seed)
@@ -366,6 +373,7 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
                                   + "; the model was left as it was")
         _copy_weights(model, sd, journal.edit)
         _set_state(model, journal.edit, stash={})
+        apply_options(model, pending, journal.edit, backbone=backbone, where=where)
         if mismatch == "checkpoint":
             journal.resize(journal.start, init, shrink, seed)
         journal.commit()

@@ -284,6 +284,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
     import surgery
     from surgery.errors import BackboneError, CheckpointError
+    from surgery.options import model_options, option_lines
 
     target = args.target
     info: dict[str, Any] = {"target": target}
@@ -305,7 +306,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise BackboneError(f"{target!r} is neither a file nor a registered model; known models: {known}")
     sites = site_dicts(model)
     info.update(backbone=surgery.backbone_of(model), counts={s["name"]: s["count"] for s in sites},
-                sites=sites, recipe=list(surgery.recipe(model).steps))
+                sites=sites, recipe=list(surgery.recipe(model).steps), options=model_options(model))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -313,6 +314,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"model:    {source}")
     print(f"backbone: {info['backbone']}")
     print(f"counts:   {_counts_text(info['counts'])}")
+    if info["options"]:  # plugin-owned state outside the weights (surgery.options)
+        print("options:")
+        _print([f"  {line}" for line in option_lines(info["options"])])
     print("sites:")
     _print(format_sites(sites))
     if info["recipe"]:

@@ -20,6 +20,9 @@ Which hooks a plugin needs:
 * `surgery_before_resize` / `surgery_after_resize`: events any plugin may observe, around every
   change of counts (including the restore at the end of `surgery.tokens(...)` and the resize done
   while loading a checkpoint). A plugin that caches something derived from a count drops it here.
+* `surgery_model_options` / `surgery_apply_options`: settings that are part of a model's state
+  but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
+  `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
 
 Registration hooks receive a `register` callback, so the host owns naming and collisions and
 knows which plugin registered what.
@@ -91,3 +94,30 @@ def surgery_before_resize(model: Any, backbone: str, changes: dict) -> None:
 @hookspec
 def surgery_after_resize(model: Any, backbone: str, changes: dict) -> None:
     """Called after counts changed (also after `tokens(...)` restored them); `changes` as above."""
+
+
+@hookspec
+def surgery_model_options(model: Any, backbone: str) -> dict | None:
+    """Return the options of `model` this plugin owns, or None: {option name: JSON value}.
+
+    An option is a setting that is part of the model's state but not of its weights (how a head
+    reads its tokens, say), so that `surgery.save` records it and `surgery.load` restores it.
+    Values are plain JSON (dicts with string keys, lists, strings, numbers, booleans, None).
+    Read them from the model's current state every time; two plugins owning the same option
+    name is an error.
+    """
+
+
+@hookspec
+def surgery_apply_options(model: Any, backbone: str, options: dict, edit: Any) -> None:
+    """Set options of `model` this plugin owns: `options` maps some of the names its
+    `surgery_model_options` returns to new values, read from a checkpoint's metadata. A dict value
+    may name only some of its keys: set those, keep the others. Afterwards `surgery_model_options`
+    must report what was asked (the core checks).
+
+    The values are untrusted data: check every one first and raise a `SurgeryError` (such as
+    `ModelConfigError`) naming what is wrong and what is allowed, having changed nothing. They may
+    only ever select among values the plugin knows, never code, a module to import or a file.
+    Make every change through `edit` (a `surgery.edit.Edit`: `edit.set_attr`, `edit.on_undo`), so
+    a load that fails later puts the old options back.
+    """

@@ -244,3 +244,26 @@ def test_apply_count_keeps_pluggys_first_result_order(fresh_host):
     fresh_host.add_plugin(handler("second", None), "second")
     surgery.resize(ToyModel(prompts=2), prompts=3)
     assert calls == ["second", "first"]
+
+
+def test_hook_surgery_model_options(fresh_host):
+    from surgery.options import model_options
+    from test_options import OptionsPlugin
+
+    assert fresh_host.add_plugin(OptionsPlugin(), "options")
+    assert "surgery_model_options" in fresh_host.records["options"].hooks
+    model = surgery.build("prompted_tiny")
+    model.pooling = "mean"
+    assert model_options(model) == {"pooling": "mean", "window": {"size": 3, "stride": 1}}
+
+
+def test_hook_surgery_apply_options(fresh_host, tmp_path):
+    from test_options import OptionsPlugin
+
+    assert fresh_host.add_plugin(OptionsPlugin(), "options")
+    model = surgery.build("prompted_tiny")
+    model.pooling = "mean"
+    surgery.save(model, tmp_path / "mean.safetensors")
+    fresh = surgery.build("prompted_tiny")
+    surgery.load(tmp_path / "mean.safetensors", fresh)  # the option comes back through the hook
+    assert fresh.pooling == "mean"

@@ -17,7 +17,9 @@ undo, recipes, checkpoints of other counts); the counters keep the preprocessor'
 
 The head reads the CLS tokens according to its mode (`first`, `mean`, `all`); while a modality's
 head is in `mean` or `all` its site cannot go below 1 (`first` at 0 reads the first patch token,
-which is what upstream does with no CLS token).
+which is what upstream does with no CLS token). The modes are the model option `head_mode`
+({modality: mode}, `surgery.options`): saved in checkpoints, restored by `surgery.load`, shown by
+`surgery inspect`.
 
 A caution (shown by `surgery inspect`): the released weights were trained with one CLS token per
 modality; more tokens start from the init strategy (default `normal`, matched to the existing
@@ -34,7 +36,7 @@ from torch import nn
 from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
-from .config import CLS_MODALITIES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON
+from .config import CLS_MODALITIES, HEAD_MODES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON, ConfigError
 
 BACKBONE = "imagebind"
 SITE_PREFIX = "num_cls_tokens."
@@ -131,6 +133,36 @@ def surgery_token_sites(model, backbone):
     if backbone != BACKBONE:
         return None
     return [modality_site(model, m) for m in model.modalities]
+
+
+HEAD_MODE_OPTION = "head_mode"
+
+
+def _head_modes(model: nn.Module) -> dict[str, str]:
+    """{modality: mode} of every head that has one (all but text's, which reads the EOT token)."""
+    return {m: mode for m in model.modalities if (mode := model.head_mode(m)) in HEAD_MODES}
+
+
+@hookimpl
+def surgery_model_options(model, backbone):
+    """The heads' modes are the model's state but not its weights: saved, shown, restored by load."""
+    if backbone != BACKBONE:
+        return None
+    return {HEAD_MODE_OPTION: _head_modes(model)}
+
+
+@hookimpl
+def surgery_apply_options(model, backbone, options, edit):
+    """Set the head modes a checkpoint recorded; `set_head_mode` checks every modality and mode."""
+    if backbone != BACKBONE:
+        return
+    modes = options.get(HEAD_MODE_OPTION)
+    if not isinstance(modes, dict) or not all(isinstance(m, str) for m in modes.values()):
+        raise ConfigError(f"option {HEAD_MODE_OPTION!r} must map modalities to one of "
+                          f"{', '.join(HEAD_MODES)}, got {modes!r:.80}")
+    old = _head_modes(model)
+    edit.on_undo(lambda: model.set_head_mode(old))  # the modes before, valid again once the counts are back
+    model.set_head_mode(modes)  # checks every modality and mode first; on an error nothing is changed
 
 
 def example_inputs(model: nn.Module, batch: int = 2) -> tuple[dict[str, torch.Tensor]]:

@@ -19,18 +19,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import threading
-import weakref
 import zlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from . import optim, rows, strategies, verify
 from .edit import Edit
-from .errors import (CountError, NestingError, PluginConflictError, PluginError, ResizeError, SiteError,
-                     StrategyError, SurgeryError)
+from .errors import CountError, PluginConflictError, PluginError, ResizeError, SiteError, StrategyError, SurgeryError
+from .guard import Block, guard_of
 from .plugins import PLUGIN_FAILURES, describe_error, get_host
 from .compose import calls as part_calls, part_at
 from .site import TokenSite, TokenTensor, module_paths
@@ -360,68 +358,23 @@ def _notify(model: nn.Module, backbone: str, event: str, changes: dict) -> None:
                               f"{type(exc).__name__}: {exc}; the model was left as it was") from exc
 
 
-# -- one model, one surgery at a time ------------------------------------------------------------
+# -- one model, one surgery at a time (`surgery.guard`) -------------------------------------------
+
+_guard = guard_of
 
 
-class _Block:
-    """An open `tokens(...)` block: its journal and the counts to go back to."""
-
-    def __init__(self, edit: Edit, backbone: str, before: dict[str, int]) -> None:
-        self.edit, self.backbone, self.before = edit, backbone, before
-        self.undone = False
-
-    def undo(self, model: nn.Module) -> None:
-        """Put the model back as it was when the block opened (changes made inside it included)."""
-        self.undone = True
-        now = counts(model, self.backbone)
-        undo = {n: (c, self.before[n]) for n, c in now.items() if n in self.before and self.before[n] != c}
+def _undo_block(model: nn.Module) -> Callable[[Block], None]:
+    def undo(block: Block) -> None:
+        """Put the model back as it was when the block opened (changes made inside it included),
+        with the resize events around it."""
+        now = counts(model, block.backbone)
+        changes = {n: (c, block.before[n]) for n, c in now.items() if n in block.before and block.before[n] != c}
         try:
-            _notify(model, self.backbone, "surgery_before_resize", undo)
+            _notify(model, block.backbone, "surgery_before_resize", changes)
         finally:
-            self.edit.rollback()  # the original tensor objects, counters and recipe come back
-            _notify(model, self.backbone, "surgery_after_resize", undo)
-
-
-class _Guard:
-    """Per model: a lock serialising its surgery across threads (a `tokens(...)` block holds it
-    until it is left), and the blocks open on it, innermost last."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.open: list[_Block] = []
-
-    def leave(self, block: _Block, model: nn.Module) -> None:
-        """Undo `block`. Left before blocks opened inside it, it undoes them first (innermost first)
-        and raises a NestingError once the model is back where `block` found it."""
-        if block.undone:
-            raise NestingError("a tokens(...) block was left after the block enclosing it, which had already "
-                               "put the model back (leave blocks innermost first)")
-        inner = self.open[self.open.index(block) + 1:]
-        del self.open[self.open.index(block):]
-        failure = None
-        for each in [*reversed(inner), block]:
-            try:
-                each.undo(model)
-            except BaseException as exc:  # noqa: BLE001 - every block is undone; the first error is raised after
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        if inner:
-            raise NestingError(f"a tokens(...) block was left while {len(inner)} block(s) opened inside it were "
-                               f"still open; they were undone with it, and the model is as it was before it "
-                               f"(leave blocks innermost first)")
-
-
-_GUARDS: "weakref.WeakKeyDictionary[nn.Module, _Guard]" = weakref.WeakKeyDictionary()
-_GUARDS_LOCK = threading.Lock()
-
-
-def _guard(model: nn.Module) -> _Guard:
-    with _GUARDS_LOCK:
-        guard = _GUARDS.get(model)
-        if guard is None:
-            guard = _GUARDS[model] = _Guard()
-        return guard
+            block.edit.rollback()  # the original tensor objects, counters and recipe come back
+            _notify(model, block.backbone, "surgery_after_resize", changes)
+    return undo
 
 
 @contextlib.contextmanager
@@ -500,12 +453,12 @@ def tokens(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTO
                     {n: (before[n], c) for n, c in requested.items() if n in before and before[n] != c})
             changes = _apply(model, backbone, requested, edit, init, shrink, seed, optimizers)
             _notify(model, backbone, "surgery_after_resize", changes)
-        block = _Block(edit, backbone, before)
+        block = Block(edit, backbone, before, _undo_block(model))
         guard.open.append(block)
         try:
             yield model
         finally:
-            guard.leave(block, model)
+            guard.leave(block)
 
 
 # -- recipes -------------------------------------------------------------------------------------

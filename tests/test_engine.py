@@ -466,6 +466,16 @@ def test_a_declaration_whose_extent_is_not_its_block_is_refused(toy_host, monkey
     assert_same(before, snapshot(model))
 
 
+@pytest.mark.parametrize("axis", [2, -3])
+def test_an_axis_outside_the_tensor_is_refused(toy_host, monkeypatch, axis):
+    model = make(prompts=2)
+    before = snapshot(model)
+    _broken_declaration(monkeypatch, 0, axis=axis)
+    with pytest.raises(SiteError, match=rf"site 'prompts'.*tensor prompts, with axis {axis}, outside its 2 dimensions"):
+        surgery.resize(model, prompts=3)
+    assert_same(before, snapshot(model))
+
+
 def test_an_attribute_the_module_lacks_is_refused_by_name(toy_host, monkeypatch):
     model = make(memory=0)
     before = snapshot(model)

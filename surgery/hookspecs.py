@@ -15,6 +15,9 @@ Which hooks a plugin needs:
   so the CLI and the conformance kit can build any backbone without code.
 * `surgery_token_sites`: the token sites of a model (see `surgery.site`). A plugin may add sites
   to another plugin's backbone; two plugins declaring the same site name is an error.
+* `surgery_submodels`: the sub-models of other backbones a model contains (ImageBind-LLM's
+  ImageBind encoder): the engine then asks every plugin about each of them too, so their sites,
+  events and options are the composed model's without being declared twice (`surgery.compose`).
 * `surgery_apply_count`: only for a count that changes the model's structure (which layers get
   an adapter, say). Most sites are applied by the engine from their declaration alone.
 * `surgery_before_resize` / `surgery_after_resize`: events any plugin may observe, around every
@@ -67,6 +70,19 @@ def surgery_token_sites(model: Any, backbone: str) -> list | None:
 
     Build the descriptors from the model's current state every time: the engine asks again after
     each site it changes, so offsets and counters derived from other sites stay right.
+    """
+
+
+@hookspec
+def surgery_submodels(model: Any, backbone: str) -> list | None:
+    """Return the sub-models of `model` (of backbone `backbone`) that are models of another
+    backbone, as `[(attribute path, backbone name)]`, or None.
+
+    The engine then calls every per-model hook (`surgery_token_sites`, `surgery_apply_count`, the
+    resize events, the model options) for each sub-model as well, with `model=` the sub-model and
+    `backbone=` its backbone, so the sub-model's plugin declares its sites once for both uses. The
+    path is relative to `model` (`"image_bind"`); the backbone's detector must recognise the
+    submodule there. Sites of all parts share one namespace, tensors keep their paths from the top.
     """
 
 

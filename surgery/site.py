@@ -134,6 +134,7 @@ class TokenSite:
     description: str = ""
     count_in_state_dict: Callable[[Mapping[str, torch.Tensor], Mapping[int, str]], int | None] | None = None
     plugin: str = ""  # filled in by the host: which plugin declared the site
+    part: str = ""  # filled in by the host: the path of the sub-model it belongs to ("": the model; surgery.compose)
 
     def allowed(self) -> str:
         """The constraint in words, for error messages."""

@@ -64,6 +64,13 @@ def surgery_register_backbones(register):
 
 
 @hookimpl
+def surgery_submodels(model, backbone):
+    if backbone != BACKBONE:
+        return None
+    return [(ENCODER_PATH, ENCODER_BACKBONE)]  # its sites, events and options are the imagebind plugin's
+
+
+@hookimpl
 def surgery_token_sites(model, backbone):
     if backbone != BACKBONE:
         return None

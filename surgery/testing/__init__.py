@@ -41,6 +41,7 @@ from .checks import (
     check_same_count_is_noop,
     check_shrink_restore_roundtrip,
     check_something_to_check,
+    check_submodels_compose,
     check_tokens_restores,
 )
 from .compare import Snapshot, Subject, assert_same_model, snapshot
@@ -199,6 +200,9 @@ class ConformanceSuite:
 
     def test_counters_follow_counts(self) -> None:
         check_counters_follow(self.subject())
+
+    def test_submodels_compose(self) -> None:
+        check_submodels_compose(self.subject())
 
     def test_forward_at_every_count(self) -> None:
         check_forward_at_every_count(self.subject())

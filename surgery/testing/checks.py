@@ -369,10 +369,43 @@ def check_atomic_on_failing_plugin(subject: Subject) -> None:
             assert_unchanged(model, before, subject, inputs, where)
 
 
+def check_submodels_compose(subject: Subject) -> None:
+    """A model that contains another backbone's model (`surgery_submodels`, `surgery.compose`) shows
+    that sub-model's sites as its own: the same names, counts and tensors the sub-model has alone;
+    and changing one through the composed model changes the sub-model exactly as changing it alone
+    does. Passes at once for a model without sub-models."""
+    from surgery.compose import parts
+    from surgery.engine import backbone_of, sites
+
+    model, _ = _fresh(subject)
+    backbone = backbone_of(model)
+    composed, tries = sites(model, backbone), subject.trials(model)
+    for part in parts(model, backbone)[1:]:
+        alone = sites(part.model, part.backbone)
+        for name, site in alone.items():
+            where = f"site {name!r} of the {part.backbone!r} sub-model at {part.path!r}"
+            assert name in composed, f"{where} is missing from the composed model's sites {list(composed)}"
+            shown = composed[name]
+            assert shown.count == site.count and shown.part == part.path, \
+                f"{where}: the composed model shows count {shown.count} at part {shown.part!r}, alone {site.count}"
+            assert [(id(t.module), t.name, t.axis) for t in shown.tensors] == \
+                [(id(t.module), t.name, t.axis) for t in site.tensors], f"{where}: other tensors when composed"
+        for name in (n for n in alone if tries.get(n)):
+            count = max(tries[name])  # a growth: rows to compare
+            through, direct = subject.build(), subject.build()
+            _resize(through, f"{name} through the composed model", **{name: count})
+            _resize(direct.get_submodule(part.path), f"{name} on the sub-model alone", backbone=part.backbone,
+                    **{name: count})
+            assert_same_model(through.get_submodule(part.path), direct.get_submodule(part.path),
+                              context=f"{name} -> {count} through the composed model and on the {part.backbone!r} "
+                                      f"sub-model alone give different sub-models")
+
+
 CHECKS: tuple[Callable[[Subject], None], ...] = (
     check_factory_deterministic,
     check_same_count_is_noop,
     check_counters_follow,
+    check_submodels_compose,
     check_forward_at_every_count,
     check_grow_shrink_roundtrip,
     check_shrink_restore_roundtrip,

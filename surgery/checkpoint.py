@@ -35,7 +35,7 @@ from torch import nn
 
 from . import strategies
 from .edit import Edit
-from .engine import Recipe, _apply, _notify, _set_state, backbone_of, counts, model_state, sites, validate
+from .engine import Recipe, _apply, _notify, _set_state, adopt, backbone_of, counts, model_state, sites, validate
 from .errors import CheckpointError, SurgeryError, UnsafeCheckpointError
 from .options import OPTIONS_KEY, apply_options, model_options, saved_options
 from .site import module_paths
@@ -422,6 +422,7 @@ class _Journal:
 
     def commit(self) -> None:
         _notify(self.model, self.backbone, "surgery_after_resize", self.net())
+        adopt(self.model, self.edit)  # inside a tokens(...) block, the load is undone with the block
 
     def rollback(self) -> None:
         undo = {n: (new, old) for n, (old, new) in self.net().items()}

@@ -363,6 +363,15 @@ def _notify(model: nn.Module, backbone: str, event: str, changes: dict) -> None:
 _guard = guard_of
 
 
+def adopt(model: nn.Module, edit: Edit) -> None:
+    """A change committed while a `tokens(...)` block is open on the model joins the block's journal:
+    leaving the block undoes it too, which keeps the model consistent (the block puts back rows
+    and counters this change may have moved)."""
+    guard = _guard(model)
+    if guard.open:
+        guard.open[-1].edit.absorb(edit)
+
+
 def _undo_block(model: nn.Module) -> Callable[[Block], None]:
     def undo(block: Block) -> None:
         """Put the model back as it was when the block opened (changes made inside it included),
@@ -380,9 +389,8 @@ def _undo_block(model: nn.Module) -> Callable[[Block], None]:
 @contextlib.contextmanager
 def _transaction(model: nn.Module, backbone: str, opens_block: bool = False) -> Iterator[Edit]:
     """Yield a journal under the model's lock; on any exception roll it back (the model is as
-    before) and re-raise. A change made inside an open `tokens(...)` block (other than the opening
-    of a nested one) joins that block's journal: leaving the block undoes it too, which keeps
-    the model consistent (the block puts back rows and counters this change has moved)."""
+    before) and re-raise. Committed inside an open `tokens(...)` block, it joins the block's
+    journal (`adopt`), unless it opens a nested block (that block undoes it)."""
     guard = _guard(model)
     with guard.lock:
         edit = Edit()
@@ -397,8 +405,8 @@ def _transaction(model: nn.Module, backbone: str, opens_block: bool = False) -> 
         except BaseException:
             edit.rollback()
             raise
-        if guard.open and not opens_block:
-            guard.open[-1].edit.absorb(edit)
+        if not opens_block:
+            adopt(model, edit)
 
 
 def resize(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTORE,

@@ -135,6 +135,26 @@ def test_a_resize_inside_a_block_is_undone_with_it(toy_host):
     assert surgery.recipe(model).steps == ()
 
 
+def test_a_checkpoint_loaded_inside_a_block_is_undone_with_it(tmp_path):
+    """The load moves a site the block did not (the class token): leaving the block must not mix
+    the block's rows and counters with the load's."""
+    torch.manual_seed(0)
+    vit = surgery.build("vit_tiny_avg_test")
+    other = surgery.build("vit_tiny_avg_test")
+    surgery.resize(other, class_token=0, reg_tokens=3)
+    surgery.save(other, tmp_path / "other.safetensors")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in vit.state_dict().items()}
+    y0 = vit(images)
+    with surgery.tokens(vit, reg_tokens=1):
+        surgery.load(tmp_path / "other.safetensors", vit)
+        assert surgery.counts(vit) == {"class_token": 0, "reg_tokens": 3}
+    assert surgery.counts(vit) == {"class_token": 1, "reg_tokens": 0} and vit.num_prefix_tokens == 1
+    assert list(vit.state_dict()) == list(state)
+    assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(vit(images), y0)
+
+
 # -- what the user changed inside a block stays ------------------------------------------------------
 
 

@@ -13,8 +13,9 @@ Upstream's loader reads the file and stacks the points as they are; its examples
 the encoder was trained on, through ULIP / Point-BERT) are 8192 points centred on their mean and
 scaled into the unit sphere (`pc_normalize`). Here every cloud is brought to that form: resampled
 to `num_points` (more points: a random subset, in file order; fewer: all of them plus random
-repeats; drawn from `seed`, so a file always gives the same cloud) and normalised. `num_points=None` keeps each file's points (the clouds must
-then have equal sizes to stack), `normalize=False` keeps the coordinates.
+repeats; drawn from `seed`, so a file always gives the same cloud) and normalised.
+`num_points=None` keeps each file's points (the clouds must then have equal sizes to stack),
+`normalize=False` keeps the coordinates.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ def randomized(model, seed=0):
     sd = {}
     for key, value in model.state_dict().items():
         if value.is_floating_point():
-            value = torch.randn(value.shape, generator=g) * 0.2 + (1.0 if key.endswith(("norm1.weight", "norm2.weight",
-                                                                                      "norm.weight", ".0.weight")) and value.dim() == 1 else 0.0)
+            scales = value.dim() == 1 and key.endswith(("norm1.weight", "norm2.weight", "norm.weight", ".0.weight"))
+            value = torch.randn(value.shape, generator=g) * 0.2 + (1.0 if scales else 0.0)  # norm scales near 1
             if key.endswith("running_var"):
                 value = value.abs() + 0.5
         sd[key] = value

@@ -139,12 +139,14 @@ def test_bad_files_are_named_with_what_was_wrong(tmp_path, points, capsys):
 def test_too_few_points_and_bad_arguments(tmp_path, points):
     write_all(tmp_path, points)
     np.save(tmp_path / "small.npy", points[:300].numpy())
-    refused(lambda: load_and_transform_point_cloud_data(tmp_path / "small.npy"), "300 points, fewer than min_points=512")
+    refused(lambda: load_and_transform_point_cloud_data(tmp_path / "small.npy"),
+            "300 points, fewer than min_points=512")
     refused(lambda: load_and_transform_point_cloud_data(tmp_path / "c.npy", num_points=100, min_points=200),
             "below min_points")
     refused(lambda: load_and_transform_point_cloud_data([], min_points=1), "no files")
-    refused(lambda: load_and_transform_point_cloud_data([tmp_path / "c.npy", tmp_path / "small.npy"],
-                                                        num_points=None, min_points=8), r"different numbers.*\[300, 600\]")
+    both = [tmp_path / "c.npy", tmp_path / "small.npy"]
+    refused(lambda: load_and_transform_point_cloud_data(both, num_points=None, min_points=8),
+            r"different numbers.*\[300, 600\]")
     np.save(tmp_path / "same.npy", np.ones((20, 3)))
     refused(lambda: load_and_transform_point_cloud_data(tmp_path / "same.npy", min_points=8),
             "same.npy.*same place")

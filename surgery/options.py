@@ -25,6 +25,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from .edit import Edit
+from .compose import Part
+from .compose import calls as part_calls
 from .engine import backbone_of
 from .errors import CheckpointError, ModelConfigError, PluginConflictError, PluginError, SurgeryError
 from .plugins import PLUGIN_FAILURES, describe_error, get_host
@@ -84,18 +86,19 @@ def model_options(model: nn.Module, backbone: str | None = None) -> dict[str, An
     return _collect(model, backbone or backbone_of(model))[0]
 
 
-def _collect(model: nn.Module, backbone: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """(options, the plugin that owns each one), from every `surgery_model_options`."""
+def _collect(model: nn.Module, backbone: str) -> tuple[dict[str, Any], dict[str, tuple[str, Part]]]:
+    """(options, the plugin that owns each one and the part of the model it is about), from every
+    `surgery_model_options`, asked of the model and of each sub-model (`surgery.compose`)."""
     options: dict[str, Any] = {}
-    owners: dict[str, str] = {}
-    for plugin, function in get_host().implementations("surgery_model_options"):
+    owners: dict[str, tuple[str, Part]] = {}
+    for plugin, function, part in part_calls(model, backbone, "surgery_model_options"):
         try:
-            reported = function(model=model, backbone=backbone)
+            reported = function(model=part.model, backbone=part.backbone)
         except SurgeryError:
             raise
         except PLUGIN_FAILURES as exc:
             raise PluginError(f"plugin {plugin!r}: surgery_model_options raised {describe_error(exc)} "
-                              f"for a {backbone!r} model") from exc
+                              f"for a {part.backbone!r} model") from exc
         if reported is None:
             continue
         if not isinstance(reported, Mapping):
@@ -107,11 +110,11 @@ def _collect(model: nn.Module, backbone: str) -> tuple[dict[str, Any], dict[str,
                                   f"option names are strings")
             if name in owners:
                 raise PluginConflictError(f"option {name!r} of backbone {backbone!r} is reported by both plugin "
-                                          f"{owners[name]!r} and plugin {plugin!r}")
+                                          f"{owners[name][0]!r} and plugin {plugin!r}")
             problem = json_problem(value)
             if problem:
                 raise PluginError(f"plugin {plugin!r}: option {name!r} is not plain JSON ({problem})")
-            options[name], owners[name] = json.loads(json.dumps(value)), plugin  # a copy the model cannot change
+            options[name], owners[name] = json.loads(json.dumps(value)), (plugin, part)  # a copy the model cannot change
     return options, owners
 
 
@@ -174,14 +177,15 @@ def apply_options(model: nn.Module, requested: Mapping[str, Any], edit: Edit, *,
     changed = {n: v for n, v in requested.items() if not _holds(current[n], v)}
     appliers = dict(get_host().implementations("surgery_apply_options"))
     left: dict[str, Any] = {}
-    for plugin in dict.fromkeys(owners[n] for n in changed):  # each owner once, in the order reported
-        mine = {n: v for n, v in changed.items() if owners[n] == plugin}
+    for owner in dict.fromkeys(owners[n] for n in changed):  # each (plugin, part) once, in the order reported
+        plugin, part = owner
+        mine = {n: v for n, v in changed.items() if owners[n] == owner}
         if plugin not in appliers:
             raise PluginError(f"plugin {plugin!r} reports options {sorted(mine)} but has no "
                               f"surgery_apply_options to set them")
         step = Edit()  # the plugin's own changes, undone at once if it refuses
         try:
-            appliers[plugin](model=model, backbone=backbone, options=json.loads(json.dumps(mine)), edit=step)
+            appliers[plugin](model=part.model, backbone=part.backbone, options=json.loads(json.dumps(mine)), edit=step)
         except SurgeryError as exc:
             step.rollback()
             if only_valid:

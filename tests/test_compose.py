@@ -118,6 +118,33 @@ def test_the_conformance_kit_checks_composed_models(hosts):
                       checks=(check_submodels_compose, check_tokens_restores, check_recipe_replays))
 
 
+class ModalToyPlugin(ToyPlugin):
+    """The toy plugin with a model option, `toy_mode` (a plain attribute of the toy model)."""
+
+    @surgery.hookimpl
+    def surgery_model_options(self, model, backbone):
+        return {"toy_mode": getattr(model, "mode", "plain")} if backbone == "toy" else None
+
+    @surgery.hookimpl
+    def surgery_apply_options(self, model, backbone, options, edit):
+        if backbone == "toy" and "toy_mode" in options:
+            edit.set_attr(model, "mode", options["toy_mode"])
+
+
+def test_sub_model_options_are_the_composed_models(fresh_host, tmp_path):
+    from surgery.edit import Edit
+    from surgery.options import apply_options, model_options
+
+    assert fresh_host.add_plugin(ModalToyPlugin(), "toy") and fresh_host.add_plugin(OuterPlugin(), "outer")
+    model = Outer()
+    assert model_options(model) == {"toy_mode": "plain"}
+    edit = Edit()
+    apply_options(model, {"toy_mode": "fancy"}, edit)
+    assert model.inner.mode == "fancy" and not hasattr(model, "mode")  # set on the sub-model, by its plugin
+    edit.rollback()
+    assert not hasattr(model.inner, "mode")
+
+
 class MeddlingOuterPlugin(OuterPlugin):
     """A composing plugin with a bug: it edits its sub-model behind the engine's back on a resize."""
 

@@ -109,22 +109,24 @@ def logits(model: nn.Module, inputs: dict[str, list], tokens: torch.Tensor) -> t
         return model.forward_inference(visual, tokens, 0, adapter_kv=model.adapter_kv(visual), kv_caches=kv)
 
 
-def _factory(size: str, default_device: str):
+def _factory(size: str, default_device: str | None):
     def build(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
               **overrides: Any) -> nn.Module:
         from .config import ImageBindLLMConfig
         from .model import ImageBindLLM
 
         config = ImageBindLLMConfig.named(size, **overrides)
-        with torch.device(device or default_device):
+        # no device asked for: the size's own (meta for 7b), else the current default device, so
+        # that `with torch.device("meta")` builds it without allocating
+        with torch.device(device or default_device or torch.get_default_device()):
             model = ImageBindLLM(config)
         return (model.to(dtype) if dtype is not None else model).eval()
     return build
 
 
 MODELS = {
-    "imagebind_llm_tiny": ("tiny", "cpu", "tiny random ImageBind-LLM for tests (dim 64, 4 layers, tiny ImageBind)"),
-    "imagebind_llm_bench": ("bench", "cpu", "scaled-down ImageBind-LLM for CPU benchmarks (dim 1024, 16 layers)"),
+    "imagebind_llm_tiny": ("tiny", None, "tiny random ImageBind-LLM for tests (dim 64, 4 layers, tiny ImageBind)"),
+    "imagebind_llm_bench": ("bench", None, "scaled-down ImageBind-LLM for CPU benchmarks (dim 1024, 16 layers)"),
     "imagebind_llm_7b": ("7b", "meta", "the released ImageBind-LLM 7B architecture, on the meta device unless "
                                        "device=... is given (shapes only; load weights with load_official)"),
 }

@@ -82,7 +82,10 @@ def test_query_layer_keeps_the_last_layers_rows():
         surgery.resize(model, query_layer=5)
 
 
-def test_checkpoints_of_other_counts_load_into_a_fresh_model(tmp_path):
+def test_checkpoints_of_other_counts_and_head_modes_load_into_a_fresh_model(tmp_path):
+    from surgery.options import model_options
+
+    assert model_options(tiny())["head_mode"]["vision"] == "first"
     model = tiny()
     model.image_bind.set_head_mode({"vision": "all"})
     surgery.resize(model, query_layer=3, **{"num_cls_tokens.vision": 3}, init="normal")
@@ -90,9 +93,9 @@ def test_checkpoints_of_other_counts_load_into_a_fresh_model(tmp_path):
     fresh = tiny(seed=5)
     surgery.load(tmp_path / "edited.safetensors", fresh)
     assert surgery.counts(fresh)["num_cls_tokens.vision"] == 3 and fresh.query_layer == 3
+    assert fresh.image_bind.head_mode("vision") == "all"  # the encoder's option head_mode, through composition
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
-    fresh.image_bind.set_head_mode({"vision": "all"})
     inputs, tok = upstream_inputs(model), text()
     assert torch.equal(logits(fresh, inputs, tok), logits(model, inputs, tok))
 

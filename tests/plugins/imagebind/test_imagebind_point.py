@@ -238,6 +238,17 @@ def test_point_site_tensors_counters_and_minimum():
         assert model({"point": clouds()}, head_mode="all")["point"].shape == (2, 3, 24)
 
 
+def test_head_mode_of_point_is_an_option_saved_and_restored(tmp_path):
+    model = point_model(num_cls_tokens={"point": 2})
+    model.set_head_mode({"point": "mean"})
+    surgery.save(model, tmp_path / "p.safetensors")
+    fresh = point_model()
+    surgery.load(tmp_path / "p.safetensors", fresh)
+    assert fresh.head_mode("point") == "mean" and fresh.num_cls_tokens("point") == 2
+    with torch.no_grad():
+        assert torch.equal(fresh({"point": clouds()})["point"], model({"point": clouds()})["point"])
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 

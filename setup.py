@@ -276,13 +276,17 @@ setup(
         "matplotlib",  # surgery bench: the PNG plots
         "regex",  # the ImageBind (CLIP BPE) tokenizer: unicode classes (\p{L}) the re module lacks
     ],
-    extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6"],
+        "knn": ["faiss-cpu"],  # ImageBind-LLM's optional kNN cache (a faiss index file the user gives)
+    },
     entry_points={
         "console_scripts": ["surgery = surgery.cli:main"],
         "surgery.backbones": [
             "timm_vit = surgery_plugins.timm_vit",
             "llama_adapter_v2 = surgery_plugins.llama_adapter.plugin",
             "imagebind = surgery_plugins.imagebind.plugin",
+            "imagebind_llm = surgery_plugins.imagebind_llm.plugin",
         ],
         "pytest11": ["surgery = surgery.testing"],
     },

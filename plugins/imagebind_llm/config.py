@@ -47,7 +47,7 @@ class ImageBindLLMConfig:
     # counts and head modes ("all" feeds k visual tokens to the LLaMA), or an ImageBindConfig
     # itself. A built model's config holds its encoder's own config object here (the encoder's
     # sites keep its counts and modes in step) and the three fields below are then empty.
-    imagebind: str | ImageBindConfig = "huge"
+    imagebind: str | ImageBindConfig = "huge_w3d"
     num_cls_tokens: dict[str, int] = field(default_factory=dict)
     head_mode: str | dict[str, str] | None = None
     modalities: tuple[str, ...] | None = None
@@ -99,12 +99,12 @@ class ImageBindLLMConfig:
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # the released 7B.pth architecture: LLaMA-7B with biases and LoRA, RMSNorm bridge, adapters in all 32 layers
-    "7b": dict(imagebind="huge"),
-    # every branch on and random, small enough for unit tests on a CPU (the tiny ImageBind: joint width 24)
+    "7b": dict(imagebind="huge_w3d"),  # imagebind_w3D.pth: ImageBind's six modalities and point clouds
+    # every branch on and random, small enough for unit tests on a CPU (the tiny ImageBind with points: joint width 24)
     "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=200, multiple_of=32, max_seq_len=64, lora_rank=4,
-                 query_layer=4, imagebind="tiny", init="random"),
+                 query_layer=4, imagebind="tiny_w3d", init="random"),
     # 7B's shape ratios at a size a CPU decodes in seconds (benchmarks); adapters in every layer as 7B
-    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, query_layer=16, imagebind="small",
+    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, query_layer=16, imagebind="small_w3d",
                   init="random"),
 }
 

@@ -113,7 +113,7 @@ def _encoder(imagebind_weights, imagebind, device, dtype, head_mode, allow_rando
 
 def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
                   imagebind_weights: str | os.PathLike | None = None, *, llama_type: str = "7B",
-                  imagebind: Any = "huge", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  imagebind: Any = "huge_w3d", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   max_seq_len: int = 512, max_batch_size: int = 1, head_mode: Any = None,
                   allow_random_imagebind: bool = False, seed: int = 0) -> nn.Module:
     """An `ImageBindLLM` from the official files, in eval mode, on `device` in `dtype`.

@@ -64,7 +64,7 @@ def checkpoint_state_dict(phase: str = "finetune", legacy_bridge: bool = False, 
     return sd
 
 
-def encoder_state_dict(config: str = "tiny", seed: int = 3) -> dict[str, torch.Tensor]:
+def encoder_state_dict(config: str = "tiny_w3d", seed: int = 3) -> dict[str, torch.Tensor]:
     from surgery_plugins.imagebind.config import ImageBindConfig
     from surgery_plugins.imagebind.model import ImageBindModel
 

@@ -23,7 +23,7 @@ from test_loading import base_from_files, read
 
 
 def load(f: files.Files, **kwargs) -> ImageBindLLM:
-    return load_official(f.checkpoint, f.llama_dir, f.imagebind, imagebind="tiny", **kwargs)
+    return load_official(f.checkpoint, f.llama_dir, f.imagebind, imagebind="tiny_w3d", **kwargs)
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_save_official_round_trip_also_after_surgery(official, tmp_path):
     saved = save_official(model, tmp_path / "out" / "7B.pth", imagebind_path=tmp_path / "out" / "imagebind.pth")
     assert set(read(saved)) == {"model"}  # upstream's release layout
     assert all(is_official_key(k) for k in read(saved)["model"])
-    again = load_official(saved, official.llama_dir, tmp_path / "out" / "imagebind.pth", imagebind="tiny",
+    again = load_official(saved, official.llama_dir, tmp_path / "out" / "imagebind.pth", imagebind="tiny_w3d",
                           head_mode={"vision": "all"})
     assert again.image_bind.num_cls_tokens("vision") == 3
     for key, value in model.state_dict().items():
@@ -109,7 +109,7 @@ def test_save_official_round_trip_also_after_surgery(official, tmp_path):
     assert again.generate_tokens(inputs, PROMPTS, max_gen_len=5, temperature=0) == \
         model.generate_tokens(inputs, PROMPTS, max_gen_len=5, temperature=0)
     flat = save_official(model, tmp_path / "7B.safetensors")  # safetensors: the subset, flat
-    assert load_official(flat, official.llama_dir, official.imagebind, imagebind="tiny").state_dict()[
+    assert load_official(flat, official.llama_dir, official.imagebind, imagebind="tiny_w3d").state_dict()[
         "prefix_query.weight"].equal(model.prefix_query.weight)
 
 
@@ -149,21 +149,21 @@ def test_an_encoder_of_another_shape_or_width_is_refused(official, tmp_path):
     wrong["modality_trunks.vision.blocks.0.attn.in_proj_weight"] = torch.zeros(3, 3)
     torch.save(wrong, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match=r"modality_trunks\.vision\.blocks\.0\.attn\.in_proj_weight"):
-        load_official(official.checkpoint, official.llama_dir, tmp_path / "wrong.pth", imagebind="tiny")
-    torch.save(files.encoder_state_dict("small"), tmp_path / "small.pth")
+        load_official(official.checkpoint, official.llama_dir, tmp_path / "wrong.pth", imagebind="tiny_w3d")
+    torch.save(files.encoder_state_dict("small_w3d"), tmp_path / "small.pth")
     with pytest.raises(CheckpointError, match=r"gives 128-d embeddings but .* image_bind_proj takes 24"):
-        load_official(official.checkpoint, official.llama_dir, tmp_path / "small.pth", imagebind="small")
+        load_official(official.checkpoint, official.llama_dir, tmp_path / "small.pth", imagebind="small_w3d")
 
 
 def test_missing_files_unsafe_pickles_and_release_names(official, tmp_path):
     with pytest.raises(CheckpointError, match="no ImageBind weights: pass imagebind_weights="):
-        load_official(official.checkpoint, official.llama_dir, imagebind="tiny")
-    model = load_official(official.checkpoint, official.llama_dir, imagebind="tiny", allow_random_imagebind=True)
+        load_official(official.checkpoint, official.llama_dir, imagebind="tiny_w3d")
+    model = load_official(official.checkpoint, official.llama_dir, imagebind="tiny_w3d", allow_random_imagebind=True)
     assert model.image_bind.config.out_embed_dim == 24
     with pytest.raises(CheckpointError, match=r"7B is the name of an upstream release: download https://"):
-        load_official("7B", official.llama_dir, official.imagebind, imagebind="tiny")
+        load_official("7B", official.llama_dir, official.imagebind, imagebind="tiny_w3d")
     with pytest.raises(CheckpointError, match="LLaMA folder .* does not exist"):
-        load_official(official.checkpoint, tmp_path / "nowhere", official.imagebind, imagebind="tiny")
+        load_official(official.checkpoint, tmp_path / "nowhere", official.imagebind, imagebind="tiny_w3d")
 
     class Payload:
         def __reduce__(self):
@@ -173,5 +173,5 @@ def test_missing_files_unsafe_pickles_and_release_names(official, tmp_path):
     with open(evil, "wb") as fh:
         pickle.dump({"model": {"prefix_query.weight": Payload()}}, fh)
     with pytest.raises(UnsafeCheckpointError):
-        load_official(evil, official.llama_dir, official.imagebind, imagebind="tiny")
+        load_official(evil, official.llama_dir, official.imagebind, imagebind="tiny_w3d")
     assert not Path("pwned").exists()

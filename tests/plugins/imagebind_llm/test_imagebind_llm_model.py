@@ -19,7 +19,8 @@ from test_llama import randomize
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[1, 17, 42, 99, 7, 123], [1, 5, 160]]  # left-aligned, different lengths
 UPSTREAM_NAMES = {"vision": "Image", "text": "Text", "audio": "Audio", "depth": "Depth", "thermal": "Thermal",
-                  "imu": "Imu"}
+                  "imu": "Imu", "point": "Point"}
+CLS_MODALITIES = ("vision", "audio", "depth", "thermal", "imu", "point")  # each can give k tokens
 
 
 def tiny(seed=0, **overrides) -> ImageBindLLM:
@@ -96,7 +97,8 @@ def test_forward_visual_matches_reference(legacy_bridge):
 def test_every_modality_weighted_by_its_share_of_the_sum():
     model = tiny()
     modalities = tuple(model.image_bind.modalities)
-    inputs = upstream_inputs(model, modalities, weights=[1, 0.5, 2, 1, 0.25, 3])
+    assert modalities == ("vision", "text", "audio", "depth", "thermal", "imu", "point")
+    inputs = upstream_inputs(model, modalities, weights=[1, 0.5, 2, 1, 0.25, 3, 1.5])
     with torch.no_grad():
         ours = model.forward_visual(inputs)
         expected = RefImageBindLLM(model).forward_visual(inputs)
@@ -104,7 +106,7 @@ def test_every_modality_weighted_by_its_share_of_the_sum():
     torch.testing.assert_close(ours, expected, **TIGHT)
     torch.testing.assert_close(scaled, ours, rtol=1e-4, atol=1e-4)
     # each modality counts: dropping one changes the result
-    alone = {k: v for k, v in inputs.items() if k != "Imu"}
+    alone = {k: v for k, v in inputs.items() if k != "Point"}
     assert not torch.allclose(model.forward_visual(alone).detach(), ours.detach(), atol=1e-3)
 
 
@@ -119,9 +121,11 @@ def test_input_names_are_upstreams_or_imagebinds_any_case():
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_k_cls_tokens_become_k_visual_tokens_as_the_reference(k):
-    model = tiny(num_cls_tokens={"vision": k}, head_mode={"vision": "all"})
-    inputs = upstream_inputs(model, ("vision", "audio"), weights=[1, 0.5])  # audio: one token, added to each
+@pytest.mark.parametrize("modality", CLS_MODALITIES)
+def test_k_cls_tokens_become_k_visual_tokens_as_the_reference(modality, k):
+    model = tiny(num_cls_tokens={modality: k}, head_mode={modality: "all"})
+    other = "text"  # one token (its end-of-text), added to each of the k
+    inputs = upstream_inputs(model, (modality, other), weights=[1, 0.5])
     tok = text()
     ref = RefImageBindLLM(model)
     with torch.no_grad():
@@ -294,11 +298,14 @@ def _bad_inputs(model):
         "not a pair": ({"Image": [x["vision"]]}, r"expected \[tensor, weight\]"),
         "weight not finite": ({"Image": [x["vision"], float("nan")]}, "weight must be a finite number"),
         "empty": ({}, "non-empty dict"),
+        "point cloud not (B, N, 3)": ({"Image": [x["vision"], 1], "Point": [x["point"][..., :2], 1]},
+                                      r"point: expected point clouds of shape \(B, N, 3\)"),
+        "fewer points than groups": ({"Point": [x["point"][:, :4], 1]}, "a cloud of 4 points cannot make 8 groups"),
     }
 
 
 BAD_INPUTS = ["unknown modality", "weights sum to zero", "batch sizes differ", "not a pair", "weight not finite",
-              "empty"]
+              "empty", "point cloud not (B, N, 3)", "fewer points than groups"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -13,7 +13,7 @@ from surgery_plugins.imagebind_llm import plugin
 from ibllm_reference import RefImageBindLLM
 from test_imagebind_llm_model import PROMPTS, TIGHT, text, tiny, upstream_inputs
 
-ENCODER_SITES = [f"num_cls_tokens.{m}" for m in ("vision", "text", "audio", "depth", "thermal", "imu")]
+ENCODER_SITES = [f"num_cls_tokens.{m}" for m in ("vision", "text", "audio", "depth", "thermal", "imu", "point")]
 
 
 def logits(model, inputs, tok):

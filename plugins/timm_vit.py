@@ -25,6 +25,8 @@ from torch import nn
 from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
+from .timm_metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
+
 BACKBONE = "timm_vit"
 
 

@@ -26,8 +26,9 @@ _EXPORTS = {
     "TokenSite": "site", "TokenTensor": "site", "Counter": "site",
     "hookimpl": "hookspecs",
     "get_host": "plugins",
+    "trainable": "sweep.train",
 }
-_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows")
+_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows", "sweep")
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

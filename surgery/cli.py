@@ -7,6 +7,7 @@
     surgery demo                             the whole idea on a tiny ViT, in seconds
     surgery bench {kernels,e2e,surgery}      benchmarks: kernels vs the hardware limit, generation, surgery cost
     surgery profile                          a generation under torch.profiler: trace, top ops, stage times
+    surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
 
 Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
 a malformed command line, 1 for anything token-surgery refuses), with no traceback, and no file
@@ -679,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's count)")
     p.add_argument("--top", type=int, default=15, help="operators to print (default 15)")
     p.add_argument("--out", metavar="DIR", help="folder for trace.json, stages.json, top_ops.txt (default out/profile)")
+
+    from surgery.sweep.cli import add_command as add_sweep_command  # its code lives in surgery/sweep/cli.py
+
+    add_sweep_command(command)
     return parser
 
 
@@ -691,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo, bench, profile "
+            raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo, bench, profile, sweep "
                              "(see 'surgery --help')")
         return args.func(args)
     except SystemExit as exc:  # plugin or library code calling sys.exit(): never a success

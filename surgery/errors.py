@@ -85,6 +85,14 @@ class OutputMismatchError(BenchmarkError):
     """A backend's (or a generation path's) output disagrees with the reference: it is not timed."""
 
 
+class SweepError(SurgeryError, ValueError):
+    """A sweep that cannot run as asked: a bad grid, option, metric name or training choice."""
+
+
+class MetricDataError(SweepError):
+    """Data a metric cannot use (the error says what the metric needs), or a data source that cannot be read."""
+
+
 __all__ = [
     "SurgeryError",
     "PluginError",
@@ -105,4 +113,6 @@ __all__ = [
     "BenchmarkError",
     "DeviceUnavailableError",
     "OutputMismatchError",
+    "SweepError",
+    "MetricDataError",
 ]

@@ -27,6 +27,9 @@ Which hooks a plugin needs:
   but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
   `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
 
+* `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
+  at every token count (see `surgery.sweep.metrics` and docs/plugins.md).
+
 Registration hooks receive a `register` callback, so the host owns naming and collisions and
 knows which plugin registered what.
 """
@@ -136,4 +139,19 @@ def surgery_apply_options(model: Any, backbone: str, options: dict, edit: Any) -
     only ever select among values the plugin knows, never code, a module to import or a file.
     Make every change through `edit` (a `surgery.edit.Edit`: `edit.set_attr`, `edit.on_undo`), so
     a load that fails later puts the old options back.
+    """
+
+@hookspec
+def surgery_register_metrics(register: Callable[..., None]) -> None:
+    """Register metrics a sweep can measure on this plugin's backbones (`surgery.sweep`).
+
+    Call `register(name, compute, *, values, backbones=None, needs="", accepts=None, loss=None,
+    higher_is_better=True, description="")` once per metric:
+    `compute(evaluation) -> {value name: float}` measures the cell's model on the evaluation
+    records (`evaluation` is a `surgery.sweep.metrics.Evaluation`); `values` names what it
+    returns (one row each in the results); `backbones` the backbones it applies to (None: any);
+    `needs` says in words what data it needs, and `accepts(data, model) -> str | None` returns why
+    a data set cannot be used (None when it can), so a sweep refuses it before any cell runs;
+    `loss(evaluation, records) -> scalar tensor` makes the metric's task a training objective
+    for the new tokens. A name registered twice (by any two plugins, or the core's) is an error.
     """

@@ -33,7 +33,7 @@ from . import hookspecs
 from .errors import BackboneError, PluginConflictError, PluginError
 
 ENTRY_POINT_GROUP = "surgery.backbones"
-REGISTRATION_HOOKS = ("surgery_register_backbones", "surgery_register_models")
+REGISTRATION_HOOKS = ("surgery_register_backbones", "surgery_register_models", "surgery_register_metrics")
 BUILTIN_DISTRIBUTION = "token-surgery"  # entry points of this distribution are the built-in plugins
 STRICT_ENV, ONLY_ENV = "SURGERY_STRICT_PLUGINS", "SURGERY_PLUGINS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -58,6 +58,7 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     backbones: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
     builtin: bool = False
     problems: list[str] = field(default_factory=list)
 
@@ -91,6 +92,22 @@ class ModelSpec:
     forward: Callable[..., Any] | None = None
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric a plugin registered (`surgery_register_metrics`), run by `surgery.sweep.metrics`."""
+
+    name: str
+    compute: Callable[..., Any]
+    plugin: str
+    values: tuple[str, ...]
+    backbones: tuple[str, ...] | None = None  # None: any backbone
+    needs: str = ""
+    accepts: Callable[..., str | None] | None = None
+    loss: Callable[..., Any] | None = None
+    higher_is_better: bool = True
+    description: str = ""
+
+
 class PluginHost:
     """One pluggy `PluginManager` plus what the plugins registered (backbones, models)."""
 
@@ -100,6 +117,7 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         self.backbones: dict[str, Backbone] = {}
         self.models: dict[str, ModelSpec] = {}
+        self.metrics: dict[str, MetricSpec] = {}
         self.strict = strict_from_env()
 
     # -- loading -----------------------------------------------------------------------------
@@ -138,6 +156,7 @@ class PluginHost:
             return False
         backbones: dict[str, Backbone] = {}
         models: dict[str, ModelSpec] = {}
+        metrics: dict[str, MetricSpec] = {}
         try:
             self.pm.register(plugin, name=name)
         except PLUGIN_FAILURES as exc:  # pluggy validates hook names and signatures here
@@ -147,16 +166,18 @@ class PluginHost:
             self._check_hook_names(plugin, name)
             self._call_own(name, "surgery_register_backbones", self._backbone_registrar(name, backbones))
             self._call_own(name, "surgery_register_models", self._model_registrar(name, backbones, models))
+            self._call_own(name, "surgery_register_metrics", self._metric_registrar(name, metrics))
         except PLUGIN_FAILURES as exc:  # anything a plugin raises makes it fail alone
             self.pm.unregister(name=name)  # nothing it registered is kept
             self._fail(name, version, module, f"registration failed: {describe_error(exc)}", exc)
             return False
         self.backbones.update(backbones)
         self.models.update(models)
+        self.metrics.update(metrics)
         self.records[name] = PluginRecord(
             name=name, version=version, module=module, status="loaded", builtin=builtin,
             hooks=sorted(caller.name for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []),
-            backbones=sorted(backbones), models=sorted(models),
+            backbones=sorted(backbones), models=sorted(models), metrics=sorted(metrics),
         )
         return True
 
@@ -195,6 +216,28 @@ class PluginHost:
             if backbone not in self.backbones and backbone not in backbones:
                 raise PluginError(f"model {name!r} names backbone {backbone!r}, which no plugin registered")
             staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward)
+        return register
+
+    def _metric_registrar(self, plugin: str, staged: dict[str, MetricSpec]) -> Callable[..., None]:
+        from .sweep.metrics import CORE_METRICS  # the core's own names, which no plugin may take
+
+        def register(name: str, compute: Callable[..., Any], *, values: Iterable[str],
+                     backbones: Iterable[str] | None = None, needs: str = "",
+                     accepts: Callable[..., str | None] | None = None, loss: Callable[..., Any] | None = None,
+                     higher_is_better: bool = True, description: str = "") -> None:
+            owner = self.metrics.get(name) or staged.get(name)
+            if owner is not None or name in CORE_METRICS:
+                raise PluginConflictError(f"metric {name!r} is registered by both plugin "
+                                          f"{owner.plugin if owner else 'surgery (core)'!r} and plugin {plugin!r}")
+            values = tuple(values) if not isinstance(values, str) else (values,)
+            if not isinstance(name, str) or not name or not callable(compute) or not values:
+                raise PluginError(f"metric {name!r}: give a name, a callable compute and the names of its values")
+            for hook in (accepts, loss):
+                if hook is not None and not callable(hook):
+                    raise PluginError(f"metric {name!r}: accepts and loss must be callable, got {hook!r}")
+            staged[name] = MetricSpec(name, compute, plugin, values,
+                                      None if backbones is None else tuple(backbones), needs, accepts, loss,
+                                      bool(higher_is_better), description)
         return register
 
     def _fail(self, name: str, version: str | None, module: str, message: str, exc: BaseException | None,

@@ -267,3 +267,37 @@ def test_hook_surgery_apply_options(fresh_host, tmp_path):
     fresh = surgery.build("prompted_tiny")
     surgery.load(tmp_path / "mean.safetensors", fresh)  # the option comes back through the hook
     assert fresh.pooling == "mean"
+
+def test_hook_surgery_register_metrics(fresh_host):
+    from surgery.sweep.metrics import available
+
+    class Scores:
+        @surgery.hookimpl
+        def surgery_register_metrics(self, register):
+            register("toy_score", lambda evaluation: {"score": 1.0}, values=("score",), backbones=("toy",),
+                     needs="nothing")
+
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+    assert fresh_host.add_plugin(Scores(), "scores")
+    spec = fresh_host.metrics["toy_score"]
+    assert (spec.plugin, spec.values, spec.backbones) == ("scores", ("score",), ("toy",))
+    assert fresh_host.records["scores"].metrics == ["toy_score"]
+    assert set(available("toy")) == {"drift", "toy_score"} and "toy_score" not in available("timm_vit")
+
+    class Taken:
+        def __init__(self, name, values=("v",)):
+            self.name, self.values = name, values
+
+        @surgery.hookimpl
+        def surgery_register_metrics(self, register):
+            register("kept_only_if_all_succeed", lambda e: {}, values=("v",))
+            register(self.name, lambda e: {}, values=self.values)
+
+    for plugin, name, error in ((Taken("toy_score"), "again", "metric 'toy_score' is registered by both plugin "
+                                 "'scores' and plugin 'again'"),
+                                (Taken("drift"), "core", "metric 'drift' is registered by both plugin "
+                                 "'surgery (core)' and plugin 'core'"),
+                                (Taken("empty", values=()), "empty", "the names of its values")):
+        assert not fresh_host.add_plugin(plugin, name)
+        assert error in fresh_host.records[name].error
+    assert "kept_only_if_all_succeed" not in fresh_host.metrics  # a failed plugin keeps nothing it registered

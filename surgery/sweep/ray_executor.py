@@ -1,0 +1,99 @@
+"""`--executor ray`: the cells of a sweep as Ray tasks, on this machine or on a cluster.
+
+    run_ray(cells, plan, record, address=None, workers=2, cpus=1, gpus=0)
+
+Workers are Ray actors, each holding `cpus` CPUs and `gpus` GPUs (its request), each loading
+the models and the data once (a `runner.Session` per model, made on the first cell that needs
+it) and then running one actor task per cell. The cells go to whichever worker is free
+(`ray.util.ActorPool`), their results come back to this process, which writes them to the same
+files as the local executor (`results.Store`), as they arrive.
+
+Without `address` a local Ray is started with `workers * cpus` CPUs and shut down at the end;
+with one (`auto`, `ray://head:10001`, `head:6379`) the sweep joins that cluster and leaves it
+running. Workers read the data and checkpoint files by the paths given: on a cluster, put them
+on storage every node sees (docs/sweeps.md). Ray is an optional extra: `pip install "token-surgery[ray]"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from ..errors import SweepError
+from .grid import Cell
+from .runner import CellResult, Plan, Session
+
+
+class SweepWorker:
+    """One Ray actor: the sessions (model + data) it has loaded, and the cells it runs on them."""
+
+    def __init__(self, plan: dict[str, Any]) -> None:
+        import torch
+
+        self.plan = Plan.from_dict(plan)
+        if self.plan.threads:
+            torch.set_num_threads(self.plan.threads)
+        self.sessions: dict[str, Session] = {}
+        self.data = None
+
+    def run(self, cell: dict[str, Any]) -> dict[str, Any]:
+        cell_ = Cell.from_dict(cell)
+        try:
+            session = self.sessions.get(cell_.model)
+            if session is None:
+                session = self.sessions[cell_.model] = Session(cell_.model, self.plan, self.data)
+                self.data = session.data  # the data, loaded once, serves every model
+        except Exception as exc:  # noqa: BLE001 - a model that does not load fails its cells, not the worker
+            return CellResult(cell_, error=f"{type(exc).__name__}: {' '.join(str(exc).split())}").to_dict()
+        return session.run(cell_).to_dict()
+
+    def ready(self) -> bool:
+        return True
+
+
+def _ray():
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise SweepError('--executor ray needs Ray: pip install "token-surgery[ray]" (or pip install "ray[default]")') \
+            from None
+    return ray
+
+
+def run_ray(cells: Iterable[Cell], plan: Plan, record: Callable[[CellResult], None], *, address: str | None = None,
+            workers: int = 2, cpus: int = 1, gpus: float = 0) -> None:
+    """Run the cells on Ray actors (see the module doc); `record` gets each result as it arrives."""
+    ray = _ray()
+    from ray.util import ActorPool
+
+    cells = list(cells)
+    if not cells:
+        return
+    if workers < 1 or cpus < 1 or gpus < 0:
+        raise SweepError(f"--workers and --cpus-per-cell must be >= 1 and --gpus-per-cell >= 0, "
+                         f"got {workers}, {cpus}, {gpus}")
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers * cpus, num_gpus=None if gpus else 0, include_dashboard=False,
+                         logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray"
+            raise SweepError(f"cannot start or join {where}: {' '.join(str(exc).split())}") from None
+        started = True
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(SweepWorker)
+    actors = [actor.remote(plan.to_dict()) for _ in range(min(workers, len(cells)))]
+    try:
+        pool = ActorPool(actors)
+        for result in pool.map_unordered(lambda a, cell: a.run.remote(cell.to_dict()), cells):
+            record(CellResult.from_dict(result))
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
+
+
+__all__ = ["run_ray", "SweepWorker"]

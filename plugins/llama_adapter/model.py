@@ -36,8 +36,7 @@ from timm.models.vision_transformer import Block
 
 from surgery import ops
 from .clip import ClipVision, ClipVisionConfig
-from .llama import AdapterKV, KVCache, ModelArgs, Transformer, causal_mask
-from .tokenizer import sample_top_p
+from .llama import AdapterKV, KVCache, ModelArgs, Transformer, decode
 
 Prompt = Union[str, Sequence[int], Tensor]
 
@@ -297,27 +296,15 @@ class LLaMAAdapter(nn.Module):
                 kv_caches: Optional[list[KVCache]] = None) -> Tensor:
         """Run every LLaMA layer: the first n_layers-L plain, the last L with their adapter from
         `adapter_kv`, else `adapters` (L, B, Q, D), else recomputed from `visual_query` as upstream."""
-        T = h.shape[1]
-        rope = self.llama.rope(start_pos, T, h.device)
-        mask = causal_mask(start_pos, T, h.dtype, h.device)
-        n_plain = self._n_plain()
-        upstream = None
-        if adapter_kv is None and adapters is None and self.query_layer:
+        adapter = None
+        if adapter_kv is None and adapters is not None:
+            adapter = adapters.__getitem__
+        elif adapter_kv is None and self.query_layer:
             # the baseline: upstream's per-call view of the table, tokens re-added in every layer
             upstream = self.adapter_table().unsqueeze(1)  # (L, 1, Q, D)
-        for i, layer in enumerate(self.llama.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            j = i - n_plain
-            if j < 0:
-                h = layer(h, start_pos, rope, mask, kv_cache=cache)
-            elif adapter_kv is not None:
-                h = layer(h, start_pos, rope, mask, adapter_kv=adapter_kv[j], kv_cache=cache)
-            elif adapters is not None:
-                h = layer(h, start_pos, rope, mask, adapter=adapters[j], kv_cache=cache)
-            else:
-                adapter = upstream[j].repeat(visual_query.shape[0], 1, 1) + visual_query  # (B, Q, D)
-                h = layer(h, start_pos, rope, mask, adapter=adapter, kv_cache=cache)
-        return h  # (B, T, D)
+            adapter = lambda j: upstream[j].repeat(visual_query.shape[0], 1, 1) + visual_query  # noqa: E731 (B, Q, D)
+        return self.llama.forward_layers(h, start_pos, first_adapted=self._n_plain(), adapter=adapter,
+                                         adapter_kv=adapter_kv, kv_caches=kv_caches)  # (B, T, D)
 
     def forward(self, tokens: Tensor, labels: Tensor, imgs: Tensor) -> tuple[Tensor, Tensor]:
         """Training loss (next-token cross-entropy, label 0 ignored), returned twice as upstream."""
@@ -369,59 +356,23 @@ class LLaMAAdapter(nn.Module):
                         eos_id: Optional[int] = None) -> list[list[int]]:
         """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`."""
         prompts = [self._encode(p) for p in prompts]
-        B = len(prompts)
-        if B == 0 or len(imgs) != B:
-            raise ValueError(f"{len(imgs)} images for {B} prompts: one image per prompt")
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("empty prompt: a prompt needs at least one token (BOS)")
+        if len(prompts) == 0 or len(imgs) != len(prompts):
+            raise ValueError(f"{len(imgs)} images for {len(prompts)} prompts: one image per prompt")
         if eos_id is None and self.tokenizer is not None:
             eos_id = self.tokenizer.eos_id
         visual_query = self.forward_visual(imgs)  # (B, Q, D)
         device = visual_query.device
-
-        lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-        max_seq_len = self.config.max_seq_len
-        if int(lengths.max()) > max_seq_len:
-            raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds max_seq_len={max_seq_len}")
-        total_len = min(max_seq_len, max_gen_len + int(lengths.max()))
-        pad = self.tokenizer.pad_id if self.tokenizer is not None else -1  # never embedded
-        tokens = torch.full((B, total_len), pad, dtype=torch.long, device=device)  # (B, S)
-        for k, p in enumerate(prompts):
-            tokens[k, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        # prompt positions are kept as given; the others are generated
-        input_text_mask = torch.arange(total_len, device=device)[None, :] < lengths[:, None]  # (B, S)
-
         dtype = self.llama.tok_embeddings.weight.dtype
-        kv_caches = self.kv_caches(B, dtype, device)
+        kv_caches = self.kv_caches(len(prompts), dtype, device)
         adapter_kv = self.cached_adapter_kv(visual_query) if cache_adapter and self.query_layer else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) produced EOS
-        prev_pos = 0
-        for cur_pos in range(int(lengths.min()), total_len):
-            # the first call prefills the shortest prompt, then one position per step for all rows
-            logits = self.forward_inference(visual_query, tokens[:, prev_pos:cur_pos], prev_pos,
-                                            adapter_kv=adapter_kv, kv_caches=kv_caches)  # (B, V)
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-                next_token = sample_top_p(probs, top_p, generator)
-            else:
-                next_token = torch.argmax(logits, dim=-1)
-            next_token = next_token.reshape(-1)  # (B,)
-            generated = ~input_text_mask[:, cur_pos]
-            next_token = torch.where(generated, next_token, tokens[:, cur_pos])
-            tokens[:, cur_pos] = next_token
-            if eos_id is not None:
-                done |= generated & (next_token == eos_id)
-                if bool(done.all()):
-                    break
-            prev_pos = cur_pos
 
-        out = []
-        for p, row in zip(prompts, tokens.tolist()):
-            gen = row[len(p):len(p) + max_gen_len]
-            if eos_id is not None and eos_id in gen:
-                gen = gen[:gen.index(eos_id)]
-            out.append(gen)
-        return out
+        def step(tokens: Tensor, start_pos: int) -> Tensor:
+            return self.forward_inference(visual_query, tokens, start_pos, adapter_kv=adapter_kv, kv_caches=kv_caches)
+
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else -1  # never embedded
+        return decode(step, prompts, max_seq_len=self.config.max_seq_len, max_gen_len=max_gen_len,
+                      temperature=temperature, top_p=top_p, device=device, generator=generator,
+                      eos_id=eos_id, pad_id=pad)
 
     @torch.inference_mode()
     def generate(self, imgs: Tensor, prompts: Sequence[Prompt], max_gen_len: int = 256,

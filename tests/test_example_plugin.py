@@ -4,7 +4,8 @@ It goes into a throwaway virtual environment that sees this one's packages (toke
 timm, pytest) through `--system-site-packages`, so the install is offline and takes seconds, and
 nothing lands in the environment running these tests. Then: the plugin host finds it through its
 entry point (directly, and through `surgery plugins --json`), and the example's own test suite,
-built on the conformance kit, passes there.
+built on the conformance kit, passes there; installed with its counter left out, it fails the
+kit's fresh-build comparison (and only that check).
 """
 
 import importlib.metadata
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -52,19 +54,26 @@ def _installed_here() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def venv_python(tmp_path_factory) -> Path:
-    """A venv with the example installed (from a copy: a build writes build/ and *.egg-info)."""
+def _install(root: Path, edit: Callable[[Path], None] | None = None) -> Path:
+    """A venv under `root` with the example installed from a copy (a build writes build/ and
+    *.egg-info), changed by `edit` first; its python."""
     assert not _installed_here(), f"{DIST} is installed in the test environment itself; uninstall it"
-    root = tmp_path_factory.mktemp("toy-plugin")
     source = root / "source"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    if edit is not None:
+        edit(source)
     venv.EnvBuilder(system_site_packages=True, symlinks=True, with_pip=False).create(root / "venv")
     python = root / "venv" / "bin" / "python"
     _see_this_environment(python)
     # this environment's pip, run by the venv's interpreter, installs into the venv
     _run(python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", source)
-    yield python
+    return python
+
+
+@pytest.fixture(scope="module")
+def venv_python(tmp_path_factory) -> Path:
+    """A venv with the example installed."""
+    yield _install(tmp_path_factory.mktemp("toy-plugin"))
     assert not _installed_here(), f"installing into the venv leaked {DIST} into the test environment"
 
 
@@ -108,6 +117,34 @@ def test_example_own_tests_pass_in_the_venv(venv_python):
     assert re.fullmatch(r"\d+ passed(, \d+ warnings?)? in .*", summary), out
     checks = len([name for name in dir(ConformanceSuite) if name.startswith("test_")])
     assert int(summary.split()[0]) == 2 * checks + 2, out  # two suites and two plain tests
+
+
+COUNTER = '            counters=[Counter(model, "num_prompts")],\n'
+
+
+def _forget_the_counter(source: Path) -> None:
+    """The mistake the kit exists for: the site declared without its `num_prompts` counter."""
+    plugin = source / "src" / "surgery_toy_plugin" / "plugin.py"
+    text = plugin.read_text()
+    assert text.count(COUNTER) == 1, "the example's counter declaration moved; update COUNTER"
+    plugin.write_text(text.replace(COUNTER, ""))
+
+
+def test_example_without_its_counter_fails_the_kit(tmp_path):
+    """Growing the prompts without `num_prompts` still changes the outputs, and the model round-trips
+    and restores; the fresh build at the target count (the factory takes `prompts=`) gives it away."""
+    python = _install(tmp_path, _forget_the_counter)
+    suite = tmp_path / "source" / "tests" / "test_conformance.py"
+    result = subprocess.run([str(python), "-m", "pytest", f"{suite}::TestPromptTunedTiny", "-q", "-rf",
+                             "-p", "no:cacheprovider"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    out = result.stdout
+    checks = len([name for name in dir(ConformanceSuite) if name.startswith("test_")])
+    assert result.returncode == 1 and f"1 failed, {checks - 1} passed" in out, out
+    assert re.search(r"^FAILED \S+::TestPromptTunedTiny::test_matches_fresh_build\b", out, flags=re.M), out
+    assert "AssertionError: inside tokens(prompts=0): the resized model is not the fresh build" in out, out
+    assert "attribute <model>.num_prompts still holds 4, as before the resize; a fresh build at these counts " \
+           "holds 0" in out, out
 
 
 def test_nothing_of_the_example_is_visible_here():

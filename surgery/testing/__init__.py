@@ -10,11 +10,14 @@ kit changes them in every way the engine promises to handle and checks each prom
 
     class TestMyBackbone(ConformanceSuite):                             # or any factory
         counts = {"prompts": [0, 1, 8]}     # counts to try per site (default: around the current)
-        def make_model(self): return MyModel(prompts=4)
+        def make_model(self, prompts=4): return MyModel(prompts=prompts)   # counts by site name
         def make_inputs(self, model): return (torch.randn(2, 5, model.dim),)
 
 or `check_conformance(factory, example_inputs)`, which runs every check in `CHECKS` and raises
-AssertionError naming the first broken promise. The checks are in `surgery.testing.checks`, the
+AssertionError naming the first broken promise. The factory takes the counts as keywords: the
+kit compares every resized model with one the factory builds at those counts. The inputs are
+made once and reused at every count (what depends on a count belongs in `forward`). The checks
+are in `surgery.testing.checks`, the
 snapshots and comparisons they use in `surgery.testing.compare`. pytest loads this package in
 every run of the environment, so only pytest is imported eagerly; torch and the engine are
 imported when a check runs.
@@ -37,6 +40,7 @@ from .checks import (
     check_factory_deterministic,
     check_forward_at_every_count,
     check_grow_shrink_roundtrip,
+    check_matches_fresh_build,
     check_recipe_replays,
     check_same_count_is_noop,
     check_shrink_restore_roundtrip,
@@ -44,10 +48,11 @@ from .checks import (
     check_submodels_compose,
     check_tokens_restores,
 )
-from .compare import Snapshot, Subject, assert_same_model, snapshot
+from .compare import Snapshot, Subject, assert_matches_fresh_build, assert_same_model, snapshot
 
 __all__ = [
-    "CHECKS", "ConformanceSuite", "InjectedFailure", "Snapshot", "Subject", "assert_same_model",
+    "CHECKS", "ConformanceSuite", "InjectedFailure", "Snapshot", "Subject", "assert_matches_fresh_build",
+    "assert_same_model",
     "check_conformance", "check_something_to_check", "plugin_host", "snapshot", "surgery_host",
     *(check.__name__ for check in CHECKS),
 ]
@@ -59,21 +64,24 @@ __all__ = [
 def check_conformance(factory: Callable[[], Any] | str, example_inputs: Callable[[Any], tuple] | tuple | None = None,
                       forward: Callable[..., Any] | None = None, counts: Mapping[str, Iterable[int]] | None = None,
                       *, seed: int = 0, expect_output_change: bool = True, ignore_attributes: Sequence[str] = (),
+                      count_kwargs: Callable[[dict[str, int]], Mapping[str, Any]] | None = None,
                       checks: Iterable[Callable[[Subject], None]] = CHECKS) -> None:
     """Run every check (or `checks`) on models from `factory`; the AssertionError starts with the
-    failing check's name. `factory` may be a registered model name: `example_inputs` and
-    `forward` then default to the registration's."""
+    failing check's name. `factory(**counts)` builds the model at other counts (see `Subject`).
+    `factory` may be a registered model name: `example_inputs` and `forward` then default to the
+    registration's."""
     if isinstance(factory, str):
         from surgery.engine import build
         from surgery.plugins import get_host
 
         spec, name = get_host().model_spec(factory), factory
-        factory = lambda: build(name)  # noqa: E731
+        factory = lambda **kwargs: build(name, **kwargs)  # noqa: E731
         example_inputs = spec.example_inputs if example_inputs is None else example_inputs
         forward = spec.forward if forward is None else forward
     if example_inputs is None:
         raise AssertionError("check_conformance needs example_inputs: a callable (model) -> tuple, or a tuple")
-    subject = Subject(factory, example_inputs, forward, counts, seed, expect_output_change, ignore_attributes)
+    subject = Subject(factory, example_inputs, forward, counts, seed, expect_output_change, ignore_attributes,
+                      count_kwargs)
     check_something_to_check(subject)
     for check in checks:
         try:
@@ -120,10 +128,12 @@ def surgery_host() -> Iterator[Any]:
 class ConformanceSuite:
     """Base class of a plugin's conformance tests: one test per check.
 
-    Subclass it as `class TestMyBackbone(ConformanceSuite)` with `make_model()` and
-    `make_inputs(model)` (optionally `forward(model, *inputs)`, `counts`, `seed`,
-    `expect_output_change`, `ignore_attributes`, and `plugins`: plugin objects or (name, plugin)
-    pairs to register, for a plugin not installed through its entry point), or bind
+    Subclass it as `class TestMyBackbone(ConformanceSuite)` with `make_model(**counts)` (no
+    keywords: the model under test; every site's count as a keyword named after the site, or as
+    `count_kwargs(counts)` spells them: the same model at those counts) and `make_inputs(model)`
+    (called once per model; optionally `forward(model, *inputs)`, `counts`, `seed`,
+    `expect_output_change`, `ignore_attributes`, `count_kwargs`, and `plugins`: plugin objects or
+    (name, plugin) pairs to register, for a plugin not installed through its entry point), or bind
     `ConformanceSuite.for_model(name)` to a `Test...` name. The base class is not collected
     (`__test__ = False`); its subclasses are.
     """
@@ -135,14 +145,16 @@ class ConformanceSuite:
     seed = 0
     expect_output_change = True
     ignore_attributes: Sequence[str] = ()
+    count_kwargs: Callable[[dict[str, int]], Mapping[str, Any]] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__test__" not in cls.__dict__:
             cls.__test__ = True
 
-    def make_model(self) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} must define make_model() (or use ConformanceSuite.for_model)")
+    def make_model(self, **counts: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define make_model(**counts) "
+                                  f"(or use ConformanceSuite.for_model)")
 
     def make_inputs(self, model: Any) -> tuple:
         raise NotImplementedError(f"{type(self).__name__} must define make_inputs(model)")
@@ -153,16 +165,17 @@ class ConformanceSuite:
     @classmethod
     def for_model(cls, name: str, **attributes: Any) -> type:
         """A suite for the model a plugin registered as `name`: its factory, `example_inputs` and
-        `forward`. `attributes` override class attributes (`counts=...`, `seed=...`)."""
+        `forward`. `attributes` override class attributes (`counts=...`, `seed=...`,
+        `count_kwargs=...` when the factory's keywords are not the site names)."""
         def spec() -> Any:
             from surgery.plugins import get_host
 
             return get_host().model_spec(name)
 
-        def make_model(self: Any) -> Any:
+        def make_model(self: Any, **kwargs: Any) -> Any:
             from surgery.engine import build
 
-            return build(name)
+            return build(name, **kwargs)
 
         def make_inputs(self: Any, model: Any) -> tuple:
             if spec().example_inputs is None:
@@ -181,7 +194,15 @@ class ConformanceSuite:
 
     def subject(self) -> Subject:
         return Subject(self.make_model, self.make_inputs, self.forward, self.counts, self.seed,
-                       self.expect_output_change, self.ignore_attributes)
+                       self.expect_output_change, self.ignore_attributes, self._count_kwargs())
+
+    def _count_kwargs(self) -> Callable[[dict[str, int]], Mapping[str, Any]] | None:
+        """The `count_kwargs` class attribute as given: a function of the counts, not bound to the suite."""
+        for klass in type(self).__mro__:
+            if "count_kwargs" in vars(klass):
+                value = vars(klass)["count_kwargs"]
+                return value.__func__ if isinstance(value, staticmethod) else value
+        return None
 
     @pytest.fixture(autouse=True)
     def _surgery_plugins(self) -> Iterator[None]:
@@ -206,6 +227,9 @@ class ConformanceSuite:
 
     def test_forward_at_every_count(self) -> None:
         check_forward_at_every_count(self.subject())
+
+    def test_matches_fresh_build(self) -> None:
+        check_matches_fresh_build(self.subject())
 
     def test_grow_then_shrink_back_is_exact(self) -> None:
         check_grow_shrink_roundtrip(self.subject())

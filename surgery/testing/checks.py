@@ -11,7 +11,8 @@ import contextlib
 import types
 from typing import Any, Callable, Iterator, Mapping
 
-from .compare import Subject, assert_same_model, assert_unchanged, output_differences, snapshot
+from .compare import (Subject, assert_matches_fresh_build, assert_same_model, assert_unchanged, output_differences,
+                      snapshot)
 
 MAX_INJECTIONS = 8  # failure points tried per site and Edit method (spread over all of them)
 
@@ -142,6 +143,24 @@ def check_forward_at_every_count(subject: Subject) -> None:
             raise AssertionError(f"outputs are bit-identical to the original ones{where}: the count does not "
                                  f"reach the forward (an undeclared counter or coupled tensor?); "
                                  f"set expect_output_change=False if that is intended")
+
+
+def check_matches_fresh_build(subject: Subject) -> None:
+    """At every tried count (each site alone, then all at their largest), the resized model is the
+    model the factory builds at those counts (`Subject.build_at`) once given the resized weights:
+    the same state_dict keys and shapes, buffers, outputs and plain attributes anywhere in the
+    model, config objects included. An attribute the fresh build sets from the count while the
+    resize left it at its old value is a counter the plugin forgot to declare, even where the
+    outputs at another count merely differ (which `check_forward_at_every_count` accepts)."""
+    from surgery.engine import counts, tokens
+
+    model, inputs = _fresh(subject)
+    original = snapshot(model, identity=False)
+    for plan in _plans(subject.trials(model), lambda tried: tried, max):
+        where = f"inside tokens({_kw(plan)})"
+        with tokens(model, **plan):
+            fresh = subject.build_at(counts(model), f"{where}: ")
+            assert_matches_fresh_build(model, fresh, original, subject, inputs, where)
 
 
 def check_grow_shrink_roundtrip(subject: Subject) -> None:
@@ -407,6 +426,7 @@ CHECKS: tuple[Callable[[Subject], None], ...] = (
     check_counters_follow,
     check_submodels_compose,
     check_forward_at_every_count,
+    check_matches_fresh_build,
     check_grow_shrink_roundtrip,
     check_shrink_restore_roundtrip,
     check_tokens_restores,

@@ -17,12 +17,13 @@ TestPromptTunedTiny = ConformanceSuite.for_model("prompt_tuned_tiny")
 
 
 class TestFromZeroPrompts(ConformanceSuite):
-    """Any factory works too; `counts` says which counts to try per site."""
+    """Any factory works too; `counts` says which counts to try per site. The kit also calls it
+    with the count by site name, and compares each resized model with the one it builds."""
 
     counts = {"prompts": [1, 3, 8]}
 
-    def make_model(self):
-        return PromptTunedEncoder(num_prompts=0)
+    def make_model(self, prompts=0):
+        return PromptTunedEncoder(num_prompts=prompts)
 
     def make_inputs(self, model):
         return (torch.randn(2, 5, model.dim, generator=torch.Generator().manual_seed(1)),)

@@ -48,8 +48,14 @@ def example_inputs(model, batch=2, length=6):
     return (torch.randn(batch, length, model.dim, generator=generator),)
 
 
+def tiny(prompts: int = 4, **kwargs) -> PromptTunedEncoder:
+    """The registered model's factory. It takes the count by its site's name, `prompts`: the
+    conformance kit builds the model at every count it tries, to compare a resized model with it."""
+    return PromptTunedEncoder(num_prompts=prompts, **kwargs)
+
+
 @hookimpl
 def surgery_register_models(register):
-    register("prompt_tuned_tiny", lambda **kwargs: PromptTunedEncoder(**kwargs), BACKBONE,
+    register("prompt_tuned_tiny", tiny, BACKBONE,
              description="tiny prompt-tuned encoder (4 prompts, dim 16), random weights",
              example_inputs=example_inputs)

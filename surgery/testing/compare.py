@@ -36,7 +36,7 @@ class Subject:
     are used at every count (what depends on a count belongs in `forward`).
     """
 
-    factory: Callable[[], Any]
+    factory: Callable[..., Any]
     example_inputs: Callable[[Any], tuple] | tuple
     forward: Callable[..., Any] | None = None
     counts: Mapping[str, Iterable[int]] | None = None

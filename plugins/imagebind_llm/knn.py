@@ -44,6 +44,12 @@ class KnnCache:
     def __init__(self, index: Any, path: Path) -> None:
         self.index, self.path = index, path
 
+    def __deepcopy__(self, memo: dict) -> "KnnCache":
+        return self  # read-only data: a copied model shares it (faiss objects cannot be deep-copied)
+
+    def __reduce__(self) -> tuple:
+        return (KnnCache.from_file, (self.path, self.dim))  # a pickled model reads the file again
+
     @property
     def dim(self) -> int:
         return int(self.index.d)

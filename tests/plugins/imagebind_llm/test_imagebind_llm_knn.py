@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 
 import pytest
@@ -34,6 +36,8 @@ def test_knn_cache_mixes_prototypes_as_upstream(tmp_path, k):
             torch.testing.assert_close(model.forward_visual(inputs, *args), ref.forward_visual(inputs, *args), **TIGHT)
         assert not torch.allclose(model.forward_visual(inputs), plain, atol=1e-3)
     assert model.generate_tokens(inputs, PROMPTS, max_gen_len=6, temperature=0) == ref.generate(inputs, PROMPTS, 6)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # the cache comes along
+        torch.testing.assert_close(copied.forward_visual(inputs), model.forward_visual(inputs), rtol=0, atol=0)
     model.attach_knn(None)
     torch.testing.assert_close(model.forward_visual(inputs).detach(), plain, rtol=0, atol=0)
 

@@ -301,3 +301,28 @@ def test_hook_surgery_register_metrics(fresh_host):
         assert not fresh_host.add_plugin(plugin, name)
         assert error in fresh_host.records[name].error
     assert "kept_only_if_all_succeed" not in fresh_host.metrics  # a failed plugin keeps nothing it registered
+
+
+def test_hook_surgery_submodels(fresh_host):
+    """A model holding a toy model at `inner` has the toy's sites, applied by the toy's plugin
+    (surgery.compose; the details are in tests/test_compose.py)."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ToyModel()
+
+    class HolderPlugin:
+        @surgery.hookimpl
+        def surgery_register_backbones(self, register):
+            register("holder", lambda m: isinstance(m, Holder))
+
+        @surgery.hookimpl
+        def surgery_submodels(self, model, backbone):
+            return [("inner", "toy")] if backbone == "holder" else None
+
+    assert fresh_host.add_plugin(ToyPlugin(), "toy") and fresh_host.add_plugin(HolderPlugin(), "holder")
+    model = Holder()
+    assert list(surgery.sites(model)) == list(surgery.sites(model.inner))
+    surgery.resize(model, prompts=3, query_layer=3)
+    assert model.inner.prompts.shape[0] == 3 and model.inner.adapter_layers == [1, 2, 3]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from surgery import hookimpl
-from surgery.errors import BackboneError
+from surgery.errors import BackboneError, ModelConfigError
 from surgery.site import Counter, TokenSite, TokenTensor
 
 from .timm_metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
@@ -297,11 +297,21 @@ def _images(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor]:
     return (x.to(device=like.device, dtype=like.dtype),)
 
 
+# timm keywords that download or open a file (`checkpoint_path` is unpickled by some timm versions
+# with weights_only=False): never passed on, so no timm version can open a file through us
+FILE_KWARGS = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+COUNT_KWARGS = ("class_token", "reg_tokens")  # what a checkpoint's metadata may set (`safe_kwargs`)
+
+
 def _create(name: str, **defaults: Any) -> Callable[..., nn.Module]:
     """A factory taking timm's keywords, and the counts by site name (`class_token=0, reg_tokens=4`)."""
     def factory(**kwargs: Any) -> nn.Module:
         import timm
 
+        opening = [k for k in FILE_KWARGS if k in kwargs]
+        if opening:
+            raise ModelConfigError(f"timm model {name!r}: {', '.join(opening)} would make timm download or open "
+                                   f"a file; models are built with random weights: load weights with surgery.load")
         return timm.create_model(name, pretrained=False, **_timm_kwargs(name, {**defaults, **kwargs})).eval()
     return factory
 
@@ -337,4 +347,5 @@ MODELS = {
 @hookimpl
 def surgery_register_models(register):
     for name, (arch, defaults, description) in MODELS.items():
-        register(name, _create(arch, **defaults), BACKBONE, description=description, example_inputs=_images)
+        register(name, _create(arch, **defaults), BACKBONE, description=description, example_inputs=_images,
+                 safe_kwargs=COUNT_KWARGS)

@@ -16,8 +16,11 @@ before it raises.
 
 Reading is safe by construction: safetensors files through safetensors, pickles only through
 `torch.load(..., weights_only=True)`; a pickle that wants to build objects or call functions is
-refused (`UnsafeCheckpointError`) and nothing in it runs. Files are never written by a load, and
-`save` writes to a temporary file in the same folder that replaces the target in one step.
+refused (`UnsafeCheckpointError`) and nothing in it runs. A file's recipe is not run step by
+step: the model is resized once to the counts its tensors have, and a recipe that leads there
+is kept as the model's history, so no allocation is larger than the file's tensors justify.
+Files are never written by a load, and `save` writes to a temporary file in the same folder
+that replaces the target (a regular file, or a new name) in one step.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import os
 import pickle
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -102,25 +106,61 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, st
     if bad:
         raise CheckpointError(f"safetensors metadata must map strings to strings; not so for: {_listing(bad)}")
     extra[META_KEY] = json.dumps(surgery_metadata(model), default=repr)
-    path = Path(path)
+    path = as_path(path)
     _write_atomically(path, lambda tmp: save_model(model, str(tmp), metadata=extra, force_contiguous=True))
     return path
+
+
+def as_path(path: Any) -> Path:
+    """A path given as str, bytes (decoded as the OS does) or os.PathLike; anything else is refused."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint path must be a str, bytes or os.PathLike, not a {type(path).__name__}")
+    return Path(path)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse to save to anything but a regular file or a new name in an existing folder: saving
+    replaces the target, and a symlink, FIFO or device node replaced by a file is never what was meant."""
+    path = as_path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise CheckpointError(f"cannot save to {path}: {exc}") from exc
+    if mode is None or stat.S_ISREG(mode):
+        if not path.parent.is_dir():
+            raise CheckpointError(f"cannot save to {path}: folder {path.parent} does not exist")
+        return path
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"cannot save to {path}: it is a directory")
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"cannot save to {path}: it is a symbolic link (to {os.readlink(path)}); saving "
+                              f"replaces only a regular file: name the file itself, or remove the link")
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    raise CheckpointError(f"cannot save to {path}: it is {kind}; saving replaces only a regular file "
+                          f"(or creates a new one)")
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write to a temporary file next to `path`, flush it to disk, then rename it over `path`.
 
-    The temporary file is created with mode 0o666 so the umask applies as for any new file; on
-    any failure it is removed and `path` (if it existed) is untouched.
+    The temporary file is created with mode 0o666 so the umask applies as for any new file, and
+    gets that mode back after `write` (safetensors replaces the file with one of mode 0600). Its
+    name is short (a long target name would push it past the file system's 255 bytes). On any
+    failure it is removed and `path` (if it existed) is untouched.
     """
-    if path.is_dir():
-        raise CheckpointError(f"cannot save to {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"cannot save to {path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    path = check_output_path(path)
+    tmp = path.with_name(f".surgery-{uuid.uuid4().hex[:16]}.tmp")
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
         write(tmp)
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -147,7 +187,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     Weights nested under "state_dict", "model_state_dict" or "model" are unwrapped; key prefixes
     such as DDP's "module." are kept as they are.
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
@@ -191,6 +231,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             metadata[META_KEY] = json.loads(metadata[META_KEY])
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {path}: its {META_KEY!r} metadata is not valid JSON: {exc}") from exc
+        except RecursionError:  # hostile nesting: json recurses once per level
+            raise CheckpointError(f"checkpoint {path}: its {META_KEY!r} metadata is nested too deeply to "
+                                  f"be token-surgery's") from None
         if not isinstance(metadata[META_KEY], dict):
             raise CheckpointError(f"checkpoint {path}: its {META_KEY!r} metadata is not a JSON object")
     return state_dict, metadata
@@ -298,10 +341,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
          seed: int = 0) -> LoadResult:
     """Load a checkpoint file into `model`, fitting token counts first. Atomic; the file is only read.
 
-    A file written by `save` whose recipe starts from the model's counts (a freshly built model)
-    has its recipe replayed, so the model's recipe stays complete for the next `save`; any other
-    count difference is resolved as `load_state_dict` does. A file of another backbone is refused.
+    The model is resized to the counts the file's tensors have. A file written by `save` whose
+    recipe leads from the model's counts (a freshly built model) to those counts has it kept as
+    the model's recipe (checked step by step, never run: a hostile recipe allocates nothing), so
+    the recipe stays complete for the next `save`. A file of another backbone is refused.
     """
+    path = as_path(path)
     state_dict, metadata = read_checkpoint(path)
     info = metadata.get(META_KEY) or {}
     recipe, options = None, {}
@@ -316,8 +361,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
         if info.get("recipe"):
             try:
                 recipe = Recipe.from_json(info["recipe"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"checkpoint {path}: its recipe is malformed: {exc!r}") from exc
+            except SurgeryError as exc:  # a RecipeError naming the step and field
+                raise CheckpointError(f"checkpoint {path}: {exc}") from exc
         options = saved_options(info, f"checkpoint {path}")
     return _load(model, state_dict, strict=strict, mismatch=mismatch, init=init, shrink=shrink, seed=seed,
                  recipe=recipe, where=f"checkpoint {path}", options=options)
@@ -351,6 +396,7 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
     backbone = backbone_of(model)
     sd = _tensors_only(state_dict, where)
     journal = _Journal(model, backbone)
+    recorded = model_state(model).recipe
     try:
         # the file's options first where the model takes them as it is (they may allow its counts:
         # ImageBind's `first` lets a count go to 0); the others once the counts are the file's
@@ -362,17 +408,15 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
             problems = _check_keys(model, dict(sd), strict)[0]
             raise CheckpointError(f"{where} does not fit the model: its token counts {found} cannot be applied "
                                   f"({exc})" + "".join(f"; {p}" for p in problems)) from exc
-        replay = (mismatch == "model" and recipe is not None and bool(recipe.steps) and recipe.backbone == backbone
-                  and all(journal.start.get(n) == c for n, c in recipe.initial.items()))
-        if replay:
-            _replay(journal, recipe, where)
-        journal.resize(found, init, shrink, seed)
+        history = _history(model, recipe, journal.start, found, where) if mismatch == "model" else None
+        # one resize, to the file's counts (and where a tensor cannot tell, to the recipe's)
+        journal.resize({**(recipe.counts if history else {}), **found}, init, shrink, seed)
         problems, missing, unexpected = _check_keys(model, sd, strict)
         if problems:
             raise CheckpointError(f"{where} does not fit the model (token counts {found}): " + "; ".join(problems)
                                   + "; the model was left as it was")
         _copy_weights(model, sd, journal.edit)
-        _set_state(model, journal.edit, stash={})
+        _set_state(model, journal.edit, stash={}, **({"recipe": recorded + history} if history else {}))
         apply_options(model, pending, journal.edit, backbone=backbone, where=where)
         if mismatch == "checkpoint":
             journal.resize(journal.start, init, shrink, seed)
@@ -385,16 +429,40 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
         raise
     converted = {n: (c, journal.start[n]) for n, c in found.items() if c != journal.start[n]}
     return LoadResult(counts=dict(journal.now), changes=journal.net(), checkpoint_counts=found,
-                      converted=converted if mismatch == "checkpoint" else {}, replayed=replay,
+                      converted=converted if mismatch == "checkpoint" else {}, replayed=bool(history),
                       missing_keys=tuple(missing), unexpected_keys=tuple(unexpected))
 
 
-def _replay(journal: "_Journal", recipe: Recipe, where: str) -> None:
-    try:
-        for step in recipe.steps:
-            journal.resize({step["site"]: step["to"]}, step["init"], step["shrink"], step["seed"])
-    except (KeyError, TypeError, SurgeryError) as exc:
-        raise CheckpointError(f"{where}: its recipe cannot be replayed on this model: {exc!r}") from exc
+def _history(model: nn.Module, recipe: Recipe | None, start: Mapping[str, int], found: Mapping[str, int],
+             where: str) -> tuple[dict, ...] | None:
+    """The file's recipe steps, to keep as the model's recipe, when they lead from the model's
+    counts `start` to the counts `found` in the file's tensors; None when they do not (the load
+    then records its one resize instead). Checked, never run: every step must take its site from
+    where the step before left it, to a count the site allows, so the kept history is one the
+    model could have walked; the weights come from the file either way."""
+    if recipe is None or not recipe.steps or recipe.backbone != backbone_of(model):
+        return None
+    declared = sites(model, recipe.backbone)
+    unknown = next((i for i, s in enumerate(recipe.steps, 1) if s["site"] not in declared), None)
+    if unknown is not None:
+        raise CheckpointError(f"{where}: step {unknown} of its recipe names site {recipe.steps[unknown - 1]['site']!r}, "
+                              f"which the model does not have; its sites: {', '.join(declared) or 'none'}")
+    if any(start[n] != c for n, c in recipe.initial.items()):
+        return None  # made from other counts than this model's: not its history
+    now = dict(start)
+    for i, step in enumerate(recipe.steps, 1):
+        name = step["site"]
+        if step["from"] != now[name]:
+            raise CheckpointError(f"{where}: step {i} of its recipe takes {name} from {step['from']}, but the steps "
+                                  f"before leave it at {now[name]}; the recipe is inconsistent")
+        problem = declared[name].violation(step["to"])
+        if problem:
+            raise CheckpointError(f"{where}: step {i} of its recipe asks {name}={step['to']}: {problem}; "
+                                  f"allowed: {declared[name].allowed()}")
+        now[name] = step["to"]
+    if any(found.get(n, c) != c for n, c in now.items()):
+        return None  # the tensors say otherwise: they decide
+    return recipe.steps
 
 
 class _Journal:

@@ -183,32 +183,25 @@ def _same_file(a: str, b: str) -> bool:
 # -- models and checkpoints ----------------------------------------------------------------------
 
 
-def open_checkpoint(path: str, model_name: str | None) -> tuple[Any, dict[str, Any], str, str]:
+def open_checkpoint(path: str, model_name: str | None, allow_large: bool = False) -> tuple[Any, dict[str, Any], str, str]:
     """Build the model a checkpoint belongs to and load the file into it.
 
     The model is named by the file's "surgery" metadata, or by `--model` (which wins, for a file
-    saved without it, such as a plain timm `.pth`). `surgery.load` resizes the fresh model to the
-    file's counts before loading, so any count the file has is fine.
+    saved without it, such as a plain timm `.pth`). The metadata is untrusted: it may name only a
+    registered model and the keyword arguments its plugin declares safe, and a model larger than
+    the file justifies needs `--allow-large` (`surgery.model_source`). `surgery.load` resizes the
+    fresh model to the file's counts before loading, so any count the file has is fine.
     Returns (model, the file's metadata: {"surgery": {...}, other string entries} or {},
     the model's name, where that name came from).
     """
     import surgery
     from surgery.checkpoint import read_checkpoint
-    from surgery.errors import CheckpointError
+    from surgery.model_source import model_for_checkpoint
 
-    _, metadata = read_checkpoint(path)  # refuses a missing, unsafe or corrupt file
-    entry = metadata.get("surgery") or {}
-    name, source = model_name, "--model"
-    if name is None:
-        name, source = entry.get("model"), "checkpoint metadata"
-    if not name:
-        known = ", ".join(sorted(surgery.get_host().models)) or "none"
-        what = (f"was saved from a {entry['backbone']!r} model not built by surgery.build"
-                if entry.get("backbone") else "has no token-surgery metadata")
-        raise CheckpointError(f"{path!r} {what}, so it does not say which model to build; "
-                              f"pass --model NAME (known models: {known})")
-    kwargs = (entry.get("model_kwargs") or {}) if name == entry.get("model") else {}
-    model = surgery.build(name, **kwargs)
+    state_dict, metadata = read_checkpoint(path)  # refuses a missing, unsafe or corrupt file
+    model, name, source = model_for_checkpoint(metadata.get("surgery") or {}, state_dict, model_name=model_name,
+                                               allow_large=allow_large, where=f"checkpoint {path!r}")
+    del state_dict  # only its sizes were needed; `load` reads the file again
     surgery.load(path, model)
     return model, metadata, name, source
 
@@ -267,7 +260,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
     statuses = [s.to_dict() for s in ops.backends()]
     info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "selected": os.environ.get(ops.ENV) or "auto", "build": ops.build_info()}
+            "selected": ops.selected_backend(), "build": ops.build_info()}
     if args.json:
         print(json.dumps({"backends": statuses, **info}, indent=2, default=str))
         return 0
@@ -285,12 +278,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
     import surgery
     from surgery.errors import BackboneError, CheckpointError
+    from surgery.model_source import build_model
     from surgery.options import model_options, option_lines
 
     target = args.target
     info: dict[str, Any] = {"target": target}
     if os.path.isfile(target):
-        model, metadata, name, origin = open_checkpoint(target, args.model)
+        model, metadata, name, origin = open_checkpoint(target, args.model, args.allow_large)
         source = f"{name} (named by {origin})"
         info.update(kind="checkpoint", model=name, metadata=metadata)
     elif os.path.exists(target):
@@ -298,7 +292,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif target in surgery.get_host().models:
         if args.model:
             raise UsageError("--model is for checkpoint files; TARGET already names a model")
-        model, source = surgery.build(target), f"{target} (registered model, random weights)"
+        model, source = build_model(target, {}), f"{target} (registered model, random weights)"
         info.update(kind="model", model=target)
     elif _looks_like_path(target):
         raise CheckpointError(f"checkpoint file {target!r} does not exist")
@@ -339,7 +333,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     command fails at once), and `surgery.save` writes OUT atomically, so a failure leaves no
     file half-written and an existing OUT (with --force) untouched."""
     import surgery
-    from surgery.errors import CheckpointError
+    from surgery.checkpoint import check_output_path
 
     requested = _requested(args.set)
     _check_strategies(args.init, args.shrink)
@@ -349,13 +343,11 @@ def cmd_resize(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
     if os.path.isdir(out):
         raise UsageError(f"-o {out!r} is a directory; give a file name")
-    if os.path.exists(out) and not args.force:
+    if os.path.lexists(out) and not args.force:
         raise UsageError(f"{out!r} already exists; pass --force to replace it")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"the folder of -o {out!r} does not exist: {folder}")
+    check_output_path(out)  # even with --force, only a regular file is replaced (no symlink, FIFO, device)
 
-    model, metadata, name, origin = open_checkpoint(src, args.model)
+    model, metadata, name, origin = open_checkpoint(src, args.model, args.allow_large)
     print(f"loaded {src}: {name} (named by {origin}), {_counts_text(surgery.counts(model))}")
     before = _state_shapes(model)
     changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
@@ -381,19 +373,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     import surgery
+    from surgery.model_source import build_model
 
     spec = surgery.get_host().model_spec(args.model)
     if spec.example_inputs is None:
         raise UsageError(f"model {args.model!r} registers no example inputs, which the demo needs; pick another --model")
     torch.manual_seed(0)  # random weights, but the same ones every run: the printed numbers repeat
-    model = surgery.build(args.model)
+    model = build_model(args.model, {})
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise UsageError(f"model {args.model!r} is built on the meta device (shapes, no values), so the demo cannot "
+                         f"run it; pick a model with weights (see 'surgery models')")
     original = surgery.counts(model)
-    if args.set:
-        target = _requested(args.set)
-    elif "reg_tokens" in original and original["reg_tokens"] != 4:
-        target = {"reg_tokens": 4}
-    else:
-        raise UsageError(f"model {args.model!r} has sites {_counts_text(original)}; choose counts with --set SITE=N")
+    target = _requested(args.set) if args.set else _demo_target(args.model, surgery.sites(model))
     surgery.engine.validate(model, target)
     if all(original.get(n) == c for n, c in target.items()):
         raise UsageError(f"--set asks for the counts the model already has ({_counts_text(target)})")
@@ -407,7 +398,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def run(m: torch.nn.Module) -> tuple:
         with torch.no_grad():
             y = spec.forward(m, *inputs) if spec.forward else m(*inputs)
-        return y if isinstance(y, tuple) else (y,)
+        return tuple(_tensors(y))  # a tensor, or tensors nested in tuples, lists and dicts (ImageBind's)
 
     def check(label: str, a: tuple, b: tuple) -> None:
         same = len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
@@ -418,14 +409,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def step(title: str, code: str) -> None:
         print(f"\n{title}\n  >>> {code}")
 
-    args_text = ", ".join(f"{n}={c}" for n, c in target.items())
-    back_text = ", ".join(f"{n}={c}" for n, c in back.items())
+    args_text, back_text = _keywords(target), _keywords(back)
     print(f"token-surgery demo: {args.model} ({spec.description or spec.backbone})")
     step("1. Build the model and list its token sites", f"model = surgery.build({args.model!r}); surgery.sites(model)")
     print(f"  backbone {surgery.backbone_of(model)}, {sum(p.numel() for p in model.parameters()):,} parameters")
     _print(format_sites(site_dicts(model)))
     y0 = run(model)
-    print(f"  forward on example inputs {[tuple(x.shape) for x in inputs]} -> {[tuple(y.shape) for y in y0]}")
+    print(f"  forward on example inputs {_shapes(inputs)} -> {_shapes(y0)}")
 
     step("2. Resize (atomic: on any error the model is left as it was)", f"surgery.resize(model, {args_text})")
     before, defaults = _state_shapes(model), {n: site.default_init for n, site in surgery.sites(model).items()}
@@ -439,7 +429,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(y0, y1))
         print(f"  output changed: max |new - original| = {diff:.3g}")
     else:
-        print(f"  output shape changed: {[tuple(y.shape) for y in y1]}")
+        print(f"  output shape changed: {_shapes(y1)}")
 
     step("3. Run with the original counts for a while", f"with surgery.tokens(model, {back_text}): ...")
     with surgery.tokens(model, **back):
@@ -476,6 +466,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     print("\nall checks passed")
     return 0
+
+
+def _demo_target(model_name: str, sites: Mapping[str, Any]) -> dict[str, int]:
+    """The demo's change when --set gives none: 4 register tokens where the model has that site,
+    else the first site one step up (or down, where up is not allowed)."""
+    if "reg_tokens" in sites and sites["reg_tokens"].count != 4:
+        return {"reg_tokens": 4}
+    for name, site in sites.items():
+        for count in (site.count + site.step, site.count - site.step):
+            if site.violation(count) is None:
+                return {name: count}
+    raise UsageError(f"model {model_name!r} has no site whose count can change "
+                     f"({_counts_text({n: s.count for n, s in sites.items()})}); pick another --model")
+
+
+def _keywords(counts: Mapping[str, int]) -> str:
+    """Counts as the keyword arguments of a call that runs as printed (`**{...}` for a dotted site name)."""
+    if all(name.isidentifier() for name in counts):
+        return ", ".join(f"{name}={count}" for name, count in counts.items())
+    return f"**{dict(counts)!r}"
+
+
+def _tensors(value: Any) -> list[Any]:
+    """The tensors in a model's inputs or outputs: a tensor, or tensors in tuples, lists, dicts."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+def _shapes(value: Any) -> str:
+    """Shapes of (nested) inputs or outputs, e.g. `[(2, 3, 32, 32)]` or `[{vision: (2, 24), ...}]`."""
+    if hasattr(value, "shape"):
+        return str(tuple(value.shape))
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shapes(v) for v in value) + "]"
+    return type(value).__name__
 
 
 # -- benchmarks and profiling ------------------------------------------------------------------
@@ -558,7 +589,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from surgery.bench import profile
+    from surgery.plugins import get_host
 
+    host = get_host()
+    backbone = host.model_spec(profile.ProfileConfig.model).backbone  # what `profile.run` drives
+    if host.model_spec(args.model).backbone != backbone:
+        usable = ", ".join(sorted(n for n, s in host.models.items() if s.backbone == backbone))
+        raise UsageError(f"surgery profile times a generation of a {backbone!r} model; {args.model!r} is of "
+                         f"backbone {host.model_spec(args.model).backbone!r}. --model takes one of: {usable}")
     config = profile.ProfileConfig(device=args.device, model=args.model, dtype=args.dtype, query_len=args.query_len,
                                    batch=args.batch, prompt_len=args.prompt_len, steps=args.steps,
                                    threads=args.threads, top=args.top)
@@ -593,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     def json_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    def allow_large_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--allow-large", action="store_true",
+                       help="build the model a checkpoint's metadata names even when it holds more elements than "
+                            "the file's tensors (plus 2**24): only for files you trust")
+
     def set_option(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--set", action="append", type=site_count, metavar="SITE=N", required=required,
                        help="token count of a site, e.g. reg_tokens=4 (repeat for several sites)")
@@ -615,12 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).")
     p.add_argument("target", metavar="TARGET", help="checkpoint file or registered model name")
     p.add_argument("--model", metavar="NAME", help="model to build for a checkpoint without surgery metadata")
+    allow_large_flag(p)
     json_flag(p)
 
     p = command("resize", cmd_resize, "resize the token sites of a checkpoint file",
                 "Build the checkpoint's model, load CKPT (resized to its counts), set new counts and\n"
                 "save the result to OUT with surgery.save. CKPT is never written.\n\n"
-                "example: surgery resize vit.safetensors --set reg_tokens=4 --init mean -o vit_reg4.safetensors")
+                "example: surgery resize vit.safetensors --set reg_tokens=4 --init normal -o vit_reg4.safetensors")
     p.add_argument("ckpt", metavar="CKPT", help="input checkpoint (.safetensors or .pth)")
     set_option(p, required=True)
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT)")
@@ -628,12 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
     p.add_argument("--model", metavar="NAME", help="model to build for a checkpoint without surgery metadata")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    allow_large_flag(p)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (a regular file only)")
 
     p = command("demo", cmd_demo, "resize, undo, save and load a tiny ViT, in seconds",
                 "Walk through token surgery on a small model with random weights: list its sites,\n"
-                "resize (default: reg_tokens 0 -> 4), run temporarily with the old counts, resize back\n"
-                "bit-exactly, save and load into a fresh model, and print the recipe.")
+                "resize (default: reg_tokens -> 4 where the model has registers, else its first site one\n"
+                "token up), run temporarily with the old counts, resize back bit-exactly, save and load\n"
+                "into a fresh model, and print the recipe.")
     p.add_argument("--model", default="vit_tiny_test", metavar="NAME", help="registered model (default vit_tiny_test)")
     set_option(p, required=False)
     p.add_argument("--out", metavar="DIR", help="keep the demo checkpoint in DIR (default: a temporary folder)")
@@ -698,7 +744,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("choose a command: plugins, models, backends, inspect, resize, demo, bench, profile, sweep "
                              "(see 'surgery --help')")
-        return args.func(args)
+        if os.environ.get(KERNEL_ENV, "").strip():  # a typo there is refused before any work
+            from surgery import ops
+
+            ops.selected_backend()
+        with _ReaderMayLeave():
+            return args.func(args)
     except SystemExit as exc:  # plugin or library code calling sys.exit(): never a success
         return _fail(SystemExit(f"sys.exit({exc.code!r}) was called during the command; it was stopped"), 1)
     except UsageError as exc:
@@ -706,26 +757,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `surgery models | head -3`: stop quietly, as other tools do
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 0
     except Exception as exc:
         from surgery.errors import SurgeryError
+        from surgery.plugins import describe_error
 
         if isinstance(exc, (SurgeryError, OSError)):
             return _fail(exc, 1)
-        raise
+        # a bug (ours or a library's): still one line, saying so; SURGERY_DEBUG=1 shows the traceback
+        return _fail(exc, 1, f"unexpected error, please report it (SURGERY_DEBUG=1 shows the traceback): "
+                             f"{describe_error(exc)}")
 
 
-def _fail(exc: BaseException, code: int) -> int:
-    """One line on stderr (the message may span lines; it is joined), or the traceback on request."""
+KERNEL_ENV = "SURGERY_KERNEL"  # `surgery.ops.ENV`, named here so that `--help` needs no torch
+
+
+class _ReaderMayLeave:
+    """While a command runs, output its reader no longer wants is dropped instead of stopping it.
+
+    `surgery resize ... | head -n 1` closes the pipe after the first line; the next print would
+    raise BrokenPipeError and stop the command before it wrote its file, yet report success.
+    Here stdout is pointed at /dev/null from then on, so the command finishes its work and its
+    exit status says how that went.
+    """
+
+    def __enter__(self) -> "_ReaderMayLeave":
+        self.stream, self.gone = sys.stdout, False
+        sys.stdout = self  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.flush()
+        sys.stdout = self.stream
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        self.gone = True
+        try:  # the interpreter flushes stdout at exit: that must not fail either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
+def _fail(exc: BaseException, code: int, message: str | None = None) -> int:
+    """One line on stderr (`message`, else the error's; a message spanning lines is joined), or
+    the traceback on request."""
     if os.environ.get("SURGERY_DEBUG", "") not in ("", "0"):
         import traceback
 
         traceback.print_exception(exc)
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = " ".join((message if message is not None else str(exc)).split()) or type(exc).__name__
     print(f"surgery: error: {message}", file=sys.stderr)
     return code

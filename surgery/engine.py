@@ -27,7 +27,8 @@ from torch import nn
 
 from . import optim, rows, strategies, verify
 from .edit import Edit
-from .errors import CountError, PluginConflictError, PluginError, ResizeError, SiteError, StrategyError, SurgeryError
+from .errors import (BackboneError, CountError, PluginConflictError, PluginError, RecipeError,
+                     ResizeError, SiteError, StrategyError, SurgeryError, short_repr)
 from .guard import Block, guard_of
 from .plugins import PLUGIN_FAILURES, describe_error, get_host
 from .compose import calls as part_calls, part_at
@@ -62,15 +63,26 @@ def _set_state(model: nn.Module, edit: Edit, **changes: Any) -> None:
 # -- listing sites -------------------------------------------------------------------------------
 
 
-def backbone_of(model: nn.Module) -> str:
-    """The backbone name of a built model (from the plugins' detectors)."""
-    return get_host().identify(model)
+def backbone_of(model: nn.Module, backbone: str | None = None) -> str:
+    """The backbone name of a built model (from the plugins' detectors). A `backbone` given (to
+    choose among several that claim the model) must be a registered one whose detect claims it."""
+    host = get_host()
+    if backbone is None:
+        return host.identify(model)
+    if not isinstance(backbone, str) or backbone not in host.backbones:
+        raise BackboneError(f"backbone={short_repr(backbone)} is not a registered backbone; known: "
+                            f"{', '.join(sorted(host.backbones)) or 'none'}")
+    claimed, failure = host._detect(host.backbones[backbone], model)
+    if not claimed:
+        raise BackboneError(f"backbone={backbone!r} does not recognise a model of type {type(model).__name__}"
+                            f"{f' ({failure})' if failure else ''}; leave backbone= out to identify the model")
+    return backbone
 
 
 def sites(model: nn.Module, backbone: str | None = None) -> dict[str, TokenSite]:
     """All token sites of `model`, in application order, from every plugin that declares some."""
     host = get_host()
-    backbone = backbone or host.identify(model)
+    backbone = backbone_of(model, backbone)
     found: dict[str, TokenSite] = {}
     for plugin, function, part in part_calls(model, backbone, "surgery_token_sites"):  # sub-models too (compose)
         try:
@@ -422,7 +434,7 @@ def resize(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTO
     Serialised per model: a resize from another thread waits for this one (and for an open
     `tokens(...)` block); one inside a `tokens(...)` block is undone when the block is left.
     """
-    backbone = backbone or backbone_of(model)
+    backbone = backbone_of(model, backbone)
     optimizers = optim.optimizers_of(optimizer)
     if not isinstance(init, Mapping):
         strategies.check_growth(init)
@@ -451,7 +463,7 @@ def tokens(model: nn.Module, *, init: str | Mapping[str, str] = strategies.RESTO
     until it is left. Blocks nest; one left before a block opened inside it undoes both and
     raises a NestingError.
     """
-    backbone = backbone or backbone_of(model)
+    backbone = backbone_of(model, backbone)
     optimizers = optim.optimizers_of(optimizer)
     guard = _guard(model)
     with guard.lock:  # held until the block is left
@@ -499,8 +511,6 @@ class Recipe:
     def from_json(cls, text: str | Mapping) -> "Recipe":
         """The recipe `to_json` wrote (its text, or that text decoded). Recipes come from files, so
         every field is checked: a malformed one is a RecipeError naming the step and the field."""
-        from .errors import RecipeError, short_repr
-
         try:
             data = json.loads(text) if isinstance(text, (str, bytes)) else text
         except (ValueError, RecursionError) as exc:

@@ -64,6 +64,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickle that would run code or build arbitrary objects; it was refused before running anything."""
 
 
+class RecipeError(SurgeryError, ValueError):
+    """A recipe that is malformed: not `{"backbone": ..., "steps": [...]}`, or a step with a missing,
+    unknown or mistyped field."""
+
+
 class ModelConfigError(SurgeryError, ValueError):
     """A model configuration or option that cannot be built or used (e.g. an unknown head mode)."""
 
@@ -93,6 +98,15 @@ class MetricDataError(SweepError):
     """Data a metric cannot use (the error says what the metric needs), or a data source that cannot be read."""
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for naming untrusted values in an error message."""
+    try:
+        text = repr(value)
+    except RecursionError:  # a deeply nested value
+        return f"<a {type(value).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 __all__ = [
     "SurgeryError",
     "PluginError",
@@ -108,6 +122,7 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "UnsafeCheckpointError",
+    "RecipeError",
     "ModelConfigError",
     "ModelInputError",
     "BenchmarkError",

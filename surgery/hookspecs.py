@@ -59,11 +59,20 @@ def surgery_register_backbones(register: Callable[..., None]) -> None:
 def surgery_register_models(register: Callable[..., None]) -> None:
     """Register models this plugin can build by name.
 
-    Call `register(name, factory, backbone, description="", example_inputs=None, forward=None)`:
-    `factory(**kwargs) -> nn.Module` builds the model (random weights; no downloads);
+    Call `register(name, factory, backbone, description="", example_inputs=None, forward=None,
+    safe_kwargs=())`:
+    `factory(**kwargs) -> nn.Module` builds the model (random weights; no downloads; with no
+    `device=` asked for, on the current default device, so that `with torch.device("meta")`
+    builds it without allocating: that is how a model's size is counted);
     `example_inputs(model) -> tuple` gives inputs for a forward pass (batch of 2 is customary);
     `forward(model, *inputs)` returns a tensor or a tuple of tensors to compare (default:
     `model(*inputs)`). Give tests a tiny config: the conformance kit builds it many times.
+
+    `safe_kwargs` names the factory's keyword arguments a checkpoint's metadata may set when the
+    CLI rebuilds the model a file was saved from (`surgery.model_source`): arguments whose values
+    only size the model's token sites, such as the counts. Metadata is untrusted data: never list
+    an argument that selects code, names a file or a path, or sizes anything but the tokens.
+    Every other argument recorded in a file is refused.
     """
 
 
@@ -140,6 +149,7 @@ def surgery_apply_options(model: Any, backbone: str, options: dict, edit: Any) -
     Make every change through `edit` (a `surgery.edit.Edit`: `edit.set_attr`, `edit.on_undo`), so
     a load that fails later puts the old options back.
     """
+
 
 @hookspec
 def surgery_register_metrics(register: Callable[..., None]) -> None:

@@ -39,6 +39,9 @@ STRICT_ENV, ONLY_ENV = "SURGERY_STRICT_PLUGINS", "SURGERY_PLUGINS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 MAX_PROBLEMS = 8  # run-time errors kept per plugin record (the first ones; later ones are alike)
 
+# Where torch appends the C++ stack to an error's message (TORCH_SHOW_CPP_STACKTRACES=1, some builds)
+CPP_BACKTRACE_MARKERS = ("\nC++ CapturedTraceback:", "\nException raised from ")
+
 # What plugin code may raise without taking the host down: any error, and `sys.exit()`.
 # KeyboardInterrupt is the user's and still stops everything.
 PLUGIN_FAILURES = (Exception, SystemExit)
@@ -90,6 +93,8 @@ class ModelSpec:
     description: str = ""
     example_inputs: Callable[[nn.Module], tuple] | None = None
     forward: Callable[..., Any] | None = None
+    # factory keywords a checkpoint's metadata may set (`surgery.model_source`); any other is refused
+    safe_kwargs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -208,14 +213,19 @@ class PluginHost:
     def _model_registrar(self, plugin: str, backbones: dict[str, Backbone],
                          staged: dict[str, ModelSpec]) -> Callable[..., None]:
         def register(name: str, factory: Callable[..., nn.Module], backbone: str, description: str = "",
-                     example_inputs: Callable | None = None, forward: Callable | None = None) -> None:
+                     example_inputs: Callable | None = None, forward: Callable | None = None,
+                     safe_kwargs: Iterable[str] = ()) -> None:
             owner = self.models.get(name) or staged.get(name)
             if owner is not None:
                 raise PluginConflictError(
                     f"model {name!r} is registered by both plugin {owner.plugin!r} and plugin {plugin!r}")
             if backbone not in self.backbones and backbone not in backbones:
                 raise PluginError(f"model {name!r} names backbone {backbone!r}, which no plugin registered")
-            staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward)
+            safe = (safe_kwargs,) if isinstance(safe_kwargs, str) else tuple(safe_kwargs)
+            if not all(isinstance(k, str) and k.isidentifier() for k in safe):
+                raise PluginError(f"model {name!r}: safe_kwargs must be keyword names, got {safe_kwargs!r}")
+            staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward,
+                                     frozenset(safe))
         return register
 
     def _metric_registrar(self, plugin: str, staged: dict[str, MetricSpec]) -> Callable[..., None]:
@@ -333,12 +343,16 @@ def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
 
 
 def describe_error(exc: BaseException) -> str:
-    """`Type: message (at file:line)` of an exception raised by plugin code, for records and errors."""
+    """`Type: message (at file:line)` of an exception raised by plugin code, for records and errors
+    (without the C++ stack torch may append to the message: a one-line error stays one line)."""
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
     if isinstance(exc, SystemExit):
         return f"sys.exit({exc.code!r}) was called{at}"
-    return f"{type(exc).__name__}: {exc}{at}"
+    message = str(exc)
+    for marker in CPP_BACKTRACE_MARKERS:
+        message = message.split(marker, 1)[0]
+    return f"{type(exc).__name__}: {message}{at}"
 
 
 _host: PluginHost | None = None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TokenTensor:
     """One tensor whose extent along `axis` holds this site's tokens.
 
@@ -60,6 +60,15 @@ class TokenTensor:
         """The tensor as stored on the module (None when absent)."""
         return getattr(self.module, self.name, None)
 
+    def __repr__(self) -> str:
+        # names the module by its type: the module's own repr would print the whole model
+        value = self.current()
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else "absent" if value is None else "not a tensor"
+        extras = ([f"view={self.view}"] if self.view is not None else []) + (["coupled"] if self.coupled else [])
+        extras += [f"anchor={self.anchor!r}"] if self.anchor != "start" else []
+        return (f"TokenTensor({type(self.module).__name__}.{self.name} {shape}, axis={self.axis}, start={self.start}"
+                + "".join(f", {e}" for e in extras) + ")")
+
     def tensor(self) -> torch.Tensor:
         """The tensor, or its zero-token template when absent."""
         value = self.current()
@@ -82,7 +91,7 @@ class TokenTensor:
         return tuple(math.prod(viewed_shape[i] for i in group) for group in groups)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Counter:
     """A plain attribute (or mapping item) that must follow a site's count.
 
@@ -103,8 +112,17 @@ class Counter:
             return self.target.get(self.attr)
         return getattr(self.target, self.attr)
 
+    @property
+    def label(self) -> str:
+        """`Type.attr` (`Type['key']` for a mapping): the target named by its type, never printed whole."""
+        owner = type(self.target).__name__
+        return f"{owner}[{self.attr!r}]" if isinstance(self.target, Mapping) else f"{owner}.{self.attr}"
 
-@dataclass
+    def __repr__(self) -> str:
+        return f"Counter({self.label})"
+
+
+@dataclass(repr=False)
 class TokenSite:
     """A count of learned tokens in a model, and everything that must follow it.
 
@@ -135,6 +153,10 @@ class TokenSite:
     count_in_state_dict: Callable[[Mapping[str, torch.Tensor], Mapping[int, str]], int | None] | None = None
     plugin: str = ""  # filled in by the host: which plugin declared the site
     part: str = ""  # filled in by the host: the path of the sub-model it belongs to ("": the model; surgery.compose)
+
+    def __repr__(self) -> str:
+        return (f"TokenSite(name={self.name!r}, count={self.count}, min={self.min}, max={self.max}, step={self.step}, "
+                f"plugin={self.plugin!r}, tensors={self.tensors!r}, counters={self.counters!r})")
 
     def allowed(self) -> str:
         """The constraint in words, for error messages."""
@@ -185,7 +207,7 @@ class TokenSite:
                 }
                 for t in self.tensors
             ],
-            "counters": [f"{type(c.target).__name__}.{c.attr}" for c in self.counters],
+            "counters": [c.label for c in self.counters],
         }
 
 

@@ -198,7 +198,9 @@ def _factory(size: str, default_device: str = "cpu"):
 
         config = ImageBindConfig.named(size, num_cls_tokens=num_cls_tokens, head_mode=head_mode,
                                        modalities=modalities)
-        with torch.device(device or default_device):
+        # no device asked for: meta for the released sizes, else the current default device, so that
+        # `with torch.device("meta")` builds it without allocating (how its size is counted)
+        with torch.device(device or (default_device if default_device == "meta" else torch.get_default_device())):
             model = ImageBindModel(config)
         return (model.to(dtype) if dtype is not None else model).eval()
     return build
@@ -222,4 +224,5 @@ MODELS = {
 @hookimpl
 def surgery_register_models(register):
     for name, (size, device, description) in MODELS.items():
-        register(name, _factory(size, device), BACKBONE, description=description, example_inputs=example_inputs)
+        register(name, _factory(size, device), BACKBONE, description=description, example_inputs=example_inputs,
+                 safe_kwargs=("num_cls_tokens",))

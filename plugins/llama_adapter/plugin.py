@@ -153,7 +153,9 @@ def _factory(**defaults: Any):
     def build(**kwargs: Any) -> nn.Module:
         from .model import AdapterConfig, LLaMAAdapter
 
-        device = kwargs.pop("device", defaults.get("device", "cpu"))
+        # no device asked for: the size's own (meta for 7b), else the current default device, so that
+        # `with torch.device("meta")` builds it without allocating (how its size is counted)
+        device = kwargs.pop("device", defaults.get("device") or torch.get_default_device())
         options = {k: v for k, v in {**defaults, **kwargs}.items() if k != "device"}
         with torch.device(device):
             return LLaMAAdapter(AdapterConfig.named(**options)).eval()
@@ -173,4 +175,4 @@ MODELS = {
 def surgery_register_models(register):
     for name, (defaults, description) in MODELS.items():
         register(name, _factory(**defaults), BACKBONE, description=description,
-                 example_inputs=_images, forward=_logits)
+                 example_inputs=_images, forward=_logits, safe_kwargs=("query_len", "query_layer"))

@@ -117,8 +117,19 @@ def build_info() -> dict:
 # -- dispatch ------------------------------------------------------------------------------------
 
 
+def selected_backend() -> str:
+    """The backend SURGERY_KERNEL asks for ("auto" when unset or empty). A name that is no backend
+    is refused here, so a typo is an error at once, not a setting that silently means nothing."""
+    raw = os.environ.get(ENV, "")
+    name = raw.strip() or "auto"
+    if name not in ("auto", *BACKENDS):
+        raise BackendUnavailableError(f"unknown kernel backend {raw!r} in {ENV}; choose one of: auto, "
+                                      f"{', '.join(BACKENDS)} (or leave {ENV} unset)")
+    return name
+
+
 def _choose(backend: Optional[str], device: torch.device) -> str:
-    name = backend or os.environ.get(ENV) or "auto"
+    name = backend or selected_backend()
     if name != "auto":
         ok, why = can_run(name, device)  # raises for an unknown name
         if not ok:

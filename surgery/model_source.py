@@ -1,0 +1,154 @@
+"""Where the CLI's models come from: a registered name, or the metadata of a checkpoint file.
+
+    model = build_model("vit_tiny_test", {})                        # plugin errors become typed ones
+    model, name, origin = model_for_checkpoint(entry, state_dict)   # entry: the file's "surgery" metadata
+
+A file written by `surgery.save` records the registered model it was built from ("model") and
+the keyword arguments of that build ("model_kwargs"), so `surgery inspect FILE` and
+`surgery resize FILE` can rebuild it without being told. That metadata is data from whoever
+wrote the file, so it chooses no code and opens nothing:
+
+* "model" must name a model a loaded plugin registered; the factory is the plugin's code and is
+  never imported from a name the file gives;
+* each keyword argument must be one the model's plugin declared safe when registering it
+  (`safe_kwargs`: the token counts) and plain JSON data, nested at most `MAX_DEPTH` levels;
+  anything else (`checkpoint_path=`, a device, a config) is refused with the list of what is
+  allowed, so no file the user did not name is ever opened;
+* the model is first built on the meta device, which allocates nothing, to count its elements
+  (parameters and buffers). It is built for real only when it holds at most the elements of the
+  file's own tensors plus `SIZE_MARGIN`: what the file justifies, since loading fills the model
+  from those tensors. A larger one needs `allow_large=True` (the CLI's `--allow-large`).
+
+A model named by the user (`--model NAME` different from the file's) is built with no keyword
+arguments from the file and without the size limit: the user chose it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .engine import build
+from .errors import CheckpointError, ModelConfigError, SurgeryError, short_repr
+from .plugins import PLUGIN_FAILURES, ModelSpec, describe_error, get_host
+
+# Elements a model built from metadata may hold beyond the file's own tensors: token rows of
+# another count, non-persistent buffers (RoPE tables), a registered model's small extras.
+# 2**24 elements is 64 MiB in float32.
+SIZE_MARGIN = 1 << 24
+MAX_DEPTH = 4  # nesting of a metadata keyword argument's value (ImageBind's counts: one mapping)
+
+
+def build_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """`surgery.build(name, **kwargs)`, with an error in the plugin's factory (an unknown keyword,
+    a value it cannot take, its own bug) raised as a `ModelConfigError` naming the model, the
+    plugin and the arguments, instead of whatever the factory raised."""
+    spec = get_host().model_spec(name)  # a BackboneError listing the known models
+    try:
+        return build(name, **kwargs)
+    except SurgeryError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise ModelConfigError(_factory_failed(spec, kwargs, exc)) from exc
+
+
+def model_for_checkpoint(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
+                         model_name: str | None = None, allow_large: bool = False,
+                         where: str = "the checkpoint") -> tuple[nn.Module, str, str]:
+    """Build the model a checkpoint belongs to: (model, its name, where the name came from).
+
+    `entry` is the file's "surgery" metadata ({} for a file without it) and `state_dict` its
+    tensors (only their sizes are read). `model_name` (the CLI's `--model`) wins over the
+    metadata's name; the metadata's keyword arguments apply only to the model it names.
+    """
+    recorded = entry.get("model")
+    if recorded is not None and not isinstance(recorded, str):
+        raise CheckpointError(f"{where}: its metadata names the model {recorded!r}, which is not a model name")
+    name, origin = (model_name, "--model") if model_name else (recorded, "checkpoint metadata")
+    if not name:
+        known = ", ".join(sorted(get_host().models)) or "none"
+        what = (f"was saved from a {entry['backbone']!r} model not built by surgery.build"
+                if entry.get("backbone") else "has no token-surgery metadata")
+        raise CheckpointError(f"{where} {what}, so it does not say which model to build; "
+                              f"pass --model NAME (known models: {known})")
+    spec = get_host().model_spec(name)
+    kwargs = checked_kwargs(spec, entry.get("model_kwargs"), where) if name == recorded else {}
+    if (origin == "checkpoint metadata" or kwargs) and not allow_large:
+        justified = sum(t.numel() for t in state_dict.values())
+        size = size_on_meta(spec, kwargs)
+        if size > justified + SIZE_MARGIN:
+            built = f"{name!r}" + (f" with {_arguments(kwargs)}" if kwargs else "")
+            raise CheckpointError(
+                f"{where} asks for model {built}, which holds {size:,} elements, more than the file's "
+                f"tensors ({justified:,}) plus a margin of {SIZE_MARGIN:,}; it was not built. If you trust "
+                f"the file, pass --allow-large (allow_large=True)")
+    return build_model(name, kwargs), name, origin
+
+
+def checked_kwargs(spec: ModelSpec, kwargs: Any, where: str) -> dict[str, Any]:
+    """The metadata's keyword arguments for `spec`, refused unless each is declared safe and plain data."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise CheckpointError(f"{where}: its model_kwargs metadata is a {type(kwargs).__name__}, not an object")
+    allowed = ", ".join(sorted(spec.safe_kwargs)) or "none"
+    refused = sorted(str(k) for k in kwargs if k not in spec.safe_kwargs)
+    if refused:
+        raise CheckpointError(f"{where}: its metadata asks to build model {spec.name!r} with keyword argument(s) "
+                              f"{', '.join(refused)}, which plugin {spec.plugin!r} does not declare safe to take "
+                              f"from a file; allowed: {allowed}. Nothing was built; pass --model NAME to build a "
+                              f"model of your choosing instead")
+    for key, value in kwargs.items():
+        problem = _not_plain(value, MAX_DEPTH)
+        if problem:
+            raise CheckpointError(f"{where}: its model_kwargs {key}={short_repr(value)} is {problem}; "
+                                  f"allowed: numbers, strings, booleans, lists and objects, {MAX_DEPTH} levels deep")
+    return dict(kwargs)
+
+
+def size_on_meta(spec: ModelSpec, kwargs: Mapping[str, Any]) -> int:
+    """Elements (parameters and buffers, each tensor once) of the model `spec` builds with
+    `kwargs`, counted on the meta device: nothing is allocated. A factory that ignores the
+    default device (builds on the CPU regardless) is refused, as its size cannot be counted
+    without building it."""
+    try:
+        with torch.device("meta"):
+            model = spec.factory(**kwargs)
+    except PLUGIN_FAILURES as exc:
+        raise ModelConfigError(_factory_failed(spec, kwargs, exc) + " (while counting its size on the meta "
+                               "device; --allow-large builds it without counting)") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelConfigError(f"the factory of model {spec.name!r} (plugin {spec.plugin!r}) returned a "
+                               f"{type(model).__name__}, not a torch module")
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+    if any(t.device.type != "meta" for t in tensors):
+        raise CheckpointError(f"the factory of model {spec.name!r} (plugin {spec.plugin!r}) does not build on the "
+                              f"default device, so its size cannot be counted without allocating it; pass "
+                              f"--allow-large (allow_large=True) to build it anyway")
+    return sum(t.numel() for t in tensors)
+
+
+def _factory_failed(spec: ModelSpec, kwargs: Mapping[str, Any], exc: BaseException) -> str:
+    arguments = f" with {_arguments(kwargs)}" if kwargs else ""
+    return (f"model {spec.name!r} (plugin {spec.plugin!r}) cannot be built{arguments}: "
+            f"{describe_error(exc).splitlines()[0]}")
+
+
+def _not_plain(value: Any, depth: int) -> str | None:
+    """Why `value` is not plain JSON data at most `depth` levels deep, or None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return None
+    if not isinstance(value, (list, Mapping)):
+        return f"a {type(value).__name__}"
+    if depth <= 1:
+        return "nested too deeply"
+    if isinstance(value, Mapping) and not all(isinstance(k, str) for k in value):
+        return "an object with keys that are not strings"
+    items = value.values() if isinstance(value, Mapping) else value
+    return next((p for p in (_not_plain(v, depth - 1) for v in items) if p), None)
+
+
+def _arguments(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={short_repr(v)}" for k, v in kwargs.items())

@@ -8,6 +8,7 @@
     surgery bench {kernels,e2e,surgery}      benchmarks: kernels vs the hardware limit, generation, surgery cost
     surgery profile                          a generation under torch.profiler: trace, top ops, stage times
     surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
+    surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
 
 Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
 a malformed command line, 1 for anything token-surgery refuses), with no traceback, and no file

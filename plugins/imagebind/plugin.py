@@ -37,6 +37,7 @@ from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
 from .config import CLS_MODALITIES, HEAD_MODES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON, ConfigError
+from .metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
 
 BACKBONE = "imagebind"
 SITE_PREFIX = "num_cls_tokens."

@@ -28,6 +28,8 @@ from torch import nn
 from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
+from .metrics import surgery_register_metrics  # noqa: F401 - the caption metric (a hook; ImageBind-LLM's too)
+
 BACKBONE = "llama_adapter_v2"
 
 

@@ -127,6 +127,8 @@ def sweep(models: str | Sequence[str], sites: Mapping[str, Any], *, inits: str |
         for site in counts:
             if site not in session.counts:
                 raise SweepError(f"model {ref!r} has no token site {site!r}; its sites: {', '.join(session.counts)}")
+        if grid.head_modes:
+            session.head_mode_value(grid.head_modes[0])  # a model without head modes is refused here
     every = grid_cells(grid, training, {ref: s.counts for ref, s in sessions.items()},
                        {ref: s.head_mode for ref, s in sessions.items()}, context)
     out = Path(out)

@@ -114,8 +114,8 @@ def drift(evaluation: Evaluation) -> dict[str, float]:
         "drift_maxdiff": float((flat_now - flat_base).abs().max()),
     }
     if _has_logits(evaluation.model, now):
-        logp_base = F.log_softmax(base[0], dim=-1)
-        logp_now = F.log_softmax(now[0], dim=-1)
+        logp_base = F.log_softmax(base[0].double(), dim=-1)  # double: a small KL is a difference of close terms
+        logp_now = F.log_softmax(now[0].double(), dim=-1)
         kl = (logp_base.exp() * (logp_base - logp_now)).sum(-1)
         values["drift_kl"] = float(kl.mean())
     return values

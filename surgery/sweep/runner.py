@@ -83,15 +83,21 @@ def looks_like_file(ref: str) -> bool:
         ".safetensors", ".pth", ".pt", ".bin")
 
 
+BUILD_SEED = 0  # a registered model's random weights: the same in every worker and every run
+
+
 def load_model(ref: str, device: str) -> tuple[nn.Module, str]:
-    """A registered model name (random weights) or a checkpoint file (its metadata names the model)."""
+    """A registered model name (random weights, drawn from BUILD_SEED) or a checkpoint file (its
+    metadata names the model)."""
     import surgery
     from ..cli import open_checkpoint
 
-    if looks_like_file(ref):
-        model, _, name, _ = open_checkpoint(ref, None)  # refuses a missing or unsafe file
-    else:
-        model, name = surgery.build(ref), ref
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        if looks_like_file(ref):
+            model, _, name, _ = open_checkpoint(ref, None)  # refuses a missing or unsafe file
+        else:
+            model, name = surgery.build(ref), ref
     return model.to(device).eval(), name
 
 
@@ -143,7 +149,7 @@ class Session:
             return modes.pop() if len(modes) == 1 else None
         return value
 
-    def _head_mode_value(self, mode: str) -> Any:
+    def head_mode_value(self, mode: str) -> Any:
         if HEAD_MODE_OPTION not in self.options:
             raise SweepError(f"model {self.ref!r} has no head mode to sweep (its options: "
                              f"{', '.join(self.options) or 'none'})")
@@ -162,7 +168,7 @@ class Session:
         from .train import chosen_rows
 
         first, later = Edit(), Edit()
-        requested = {HEAD_MODE_OPTION: self._head_mode_value(cell.head_mode)} if cell.head_mode else {}
+        requested = {HEAD_MODE_OPTION: self.head_mode_value(cell.head_mode)} if cell.head_mode else {}
         try:
             # a mode valid only at the new counts (ImageBind's `all` needs a CLS token) is set after them
             left = apply_options(self.model, requested, first, only_valid=True) if requested else {}

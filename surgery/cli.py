@@ -2,17 +2,19 @@
 
     surgery plugins [--json]                 which backbone plugins loaded (and which failed, why)
     surgery models [--json]                  the models plugins can build by name
+    surgery backends [--json]                the fused kernels' backends: built, where they run, why not
     surgery inspect TARGET [--model NAME]    sites, counts, constraints, tensors of a model or checkpoint
     surgery resize CKPT --set SITE=N -o OUT  resize a checkpoint file into a new file
     surgery demo                             the whole idea on a tiny ViT, in seconds
     surgery bench {kernels,e2e,surgery}      benchmarks: kernels vs the hardware limit, generation, surgery cost
     surgery profile                          a generation under torch.profiler: trace, top ops, stage times
     surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
-    surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
 
 Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
-a malformed command line, 1 for anything token-surgery refuses), with no traceback, and no file
-written or changed. Set SURGERY_DEBUG=1 to get the traceback of a refusal anyway.
+a malformed command line, 1 for anything token-surgery refuses or an unexpected error), with no
+traceback, and no file written or changed. Set SURGERY_DEBUG=1 to get the traceback anyway.
+Exit 0 means the command did its work: output its reader no longer wants (`| head`) is dropped,
+not allowed to stop a file being written.
 
 torch (and timm, through the plugins) is imported only by the commands that need a model, so
 `surgery --help` answers at once.

@@ -41,8 +41,6 @@ from surgery.site import Counter, TokenSite, TokenTensor
 
 from .timm_metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
 
-from .timm_metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
-
 BACKBONE = "timm_vit"
 
 

@@ -98,14 +98,6 @@ class MetricDataError(SweepError):
     """Data a metric cannot use (the error says what the metric needs), or a data source that cannot be read."""
 
 
-class SweepError(SurgeryError, ValueError):
-    """A sweep that cannot run as asked: a bad grid, option, metric name or training choice."""
-
-
-class MetricDataError(SweepError):
-    """Data a metric cannot use (the error says what the metric needs), or a data source that cannot be read."""
-
-
 def short_repr(value: object, limit: int = 80) -> str:
     """`repr(value)` cut to `limit` characters, for naming untrusted values in an error message."""
     try:

@@ -30,9 +30,6 @@ Which hooks a plugin needs:
 * `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
   at every token count (see `surgery.sweep.metrics` and docs/plugins.md).
 
-* `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
-  at every token count (see `surgery.sweep.metrics` and docs/plugins.md).
-
 Registration hooks receive a `register` callback, so the host owns naming and collisions and
 knows which plugin registered what.
 """

@@ -113,22 +113,6 @@ class MetricSpec:
     description: str = ""
 
 
-@dataclass(frozen=True)
-class MetricSpec:
-    """A metric a plugin registered (`surgery_register_metrics`), run by `surgery.sweep.metrics`."""
-
-    name: str
-    compute: Callable[..., Any]
-    plugin: str
-    values: tuple[str, ...]
-    backbones: tuple[str, ...] | None = None  # None: any backbone
-    needs: str = ""
-    accepts: Callable[..., str | None] | None = None
-    loss: Callable[..., Any] | None = None
-    higher_is_better: bool = True
-    description: str = ""
-
-
 class PluginHost:
     """One pluggy `PluginManager` plus what the plugins registered (backbones, models)."""
 
@@ -188,7 +172,6 @@ class PluginHost:
             self._call_own(name, "surgery_register_backbones", self._backbone_registrar(name, backbones))
             self._call_own(name, "surgery_register_models", self._model_registrar(name, backbones, models))
             self._call_own(name, "surgery_register_metrics", self._metric_registrar(name, metrics))
-            self._call_own(name, "surgery_register_metrics", self._metric_registrar(name, metrics))
         except PLUGIN_FAILURES as exc:  # anything a plugin raises makes it fail alone
             self.pm.unregister(name=name)  # nothing it registered is kept
             self._fail(name, version, module, f"registration failed: {describe_error(exc)}", exc)
@@ -243,28 +226,6 @@ class PluginHost:
                 raise PluginError(f"model {name!r}: safe_kwargs must be keyword names, got {safe_kwargs!r}")
             staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward,
                                      frozenset(safe))
-        return register
-
-    def _metric_registrar(self, plugin: str, staged: dict[str, MetricSpec]) -> Callable[..., None]:
-        from .sweep.metrics import CORE_METRICS  # the core's own names, which no plugin may take
-
-        def register(name: str, compute: Callable[..., Any], *, values: Iterable[str],
-                     backbones: Iterable[str] | None = None, needs: str = "",
-                     accepts: Callable[..., str | None] | None = None, loss: Callable[..., Any] | None = None,
-                     higher_is_better: bool = True, description: str = "") -> None:
-            owner = self.metrics.get(name) or staged.get(name)
-            if owner is not None or name in CORE_METRICS:
-                raise PluginConflictError(f"metric {name!r} is registered by both plugin "
-                                          f"{owner.plugin if owner else 'surgery (core)'!r} and plugin {plugin!r}")
-            values = tuple(values) if not isinstance(values, str) else (values,)
-            if not isinstance(name, str) or not name or not callable(compute) or not values:
-                raise PluginError(f"metric {name!r}: give a name, a callable compute and the names of its values")
-            for hook in (accepts, loss):
-                if hook is not None and not callable(hook):
-                    raise PluginError(f"metric {name!r}: accepts and loss must be callable, got {hook!r}")
-            staged[name] = MetricSpec(name, compute, plugin, values,
-                                      None if backbones is None else tuple(backbones), needs, accepts, loss,
-                                      bool(higher_is_better), description)
         return register
 
     def _metric_registrar(self, plugin: str, staged: dict[str, MetricSpec]) -> Callable[..., None]:

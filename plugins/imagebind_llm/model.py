@@ -144,9 +144,9 @@ class ImageBindLLM(nn.Module):
             return self.image_bind.num_cls_tokens(modality)
         return 1
 
-    def _parse_inputs(self, inputs: Mapping[str, Any]) -> tuple[list[tuple[str, Tensor, float]], int]:
-        """[(modality, tensor, normalised weight)] and the visual token count K, every input checked
-        before any encoder runs."""
+    def _parse_inputs(self, inputs: Mapping[str, Any]) -> list[tuple[str, Tensor, float]]:
+        """[(modality, tensor, normalised weight)], every input checked before any encoder runs
+        (names, pairs, weights, batch sizes, and that the modalities' token counts combine)."""
         if not isinstance(inputs, Mapping) or not inputs:
             got = "an empty dict" if isinstance(inputs, Mapping) else type(inputs).__name__
             raise ModelInputError(f"forward_visual takes a non-empty dict {{modality: [tensor, weight]}}, got {got}")
@@ -174,14 +174,14 @@ class ImageBindLLM(nn.Module):
                                   + ", ".join(f"{n} {k}" for n, k in counts.items())
                                   + "); each must give the same K or one (a single token is added to each of "
                                     "the K): set num_cls_tokens or head modes to agree")
-        return [(m, x, w / (total + WEIGHT_EPS)) for _, m, x, w in parsed], K
+        return [(m, x, w / (total + WEIGHT_EPS)) for _, m, x, w in parsed]
 
     def encode(self, inputs: Mapping[str, Any], cache_size: int = 10, cache_t: float = 20.0,
                cache_weight: float = 0.5) -> Tensor:
         """The combined joint-space embedding (B, K, E): each modality's normalised embedding
         (k tokens, or one added to each of the K), weighted by its share of the weights' sum;
         then the kNN cache when one is attached."""
-        parsed, _ = self._parse_inputs(inputs)
+        parsed = self._parse_inputs(inputs)
         if self.knn is not None:
             self.knn.check(cache_size, cache_t, cache_weight)
         feats = None

@@ -136,4 +136,5 @@ MODELS = {
 def surgery_register_models(register):
     for name, (size, device, description) in MODELS.items():
         register(name, _factory(size, device), BACKBONE, description=description,
-                 example_inputs=example_inputs, forward=logits)
+                 example_inputs=example_inputs, forward=logits,
+                 safe_kwargs=("num_cls_tokens", "query_layer"))  # what a checkpoint's metadata may set: counts

@@ -78,6 +78,34 @@ def test_sub_model_sites_are_the_composed_models(hosts):
     assert paths == {"inner.prompts", "inner.pos"}
 
 
+class Shell(nn.Module):
+    """An Outer inside another model: sub-models of sub-models."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Outer()
+
+
+class ShellPlugin:
+    @surgery.hookimpl
+    def surgery_register_backbones(self, register):
+        register("shell", lambda m: isinstance(m, Shell))
+
+    @surgery.hookimpl
+    def surgery_submodels(self, model, backbone):
+        return [("body", "outer")] if backbone == "shell" else None
+
+
+def test_sub_models_of_sub_models(hosts, fresh_host):
+    assert fresh_host.add_plugin(ShellPlugin(), "shell")
+    model = Shell()
+    found = surgery.sites(model)
+    assert {n: s.part for n, s in found.items()} == {"extra": "body", "prompts": "body.inner", "query_len": "body.inner",
+                                                     "query_layer": "body.inner", "memory": "body.inner"}
+    surgery.resize(model, query_layer=3, extra=0)
+    assert model.body.inner.adapter_layers == [1, 2, 3] and model.body.extra.shape == (0, 8)
+
+
 def test_resizing_through_the_outer_model_is_resizing_the_sub_model(hosts):
     toy, outer = hosts
     torch.manual_seed(0)

@@ -277,7 +277,9 @@ setup(
         "regex",  # the ImageBind (CLIP BPE) tokenizer: unicode classes (\p{L}) the re module lacks
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6"],
+        # ray and scikit-learn: CI runs the quick sweep (scikit-learn's digits) on a local two-worker Ray
+        "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn"],
+        "ray": ["ray[default]>=2.9"],  # surgery sweep --executor ray
         "knn": ["faiss-cpu"],  # ImageBind-LLM's optional kNN cache (a faiss index file the user gives)
     },
     entry_points={

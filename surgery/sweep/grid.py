@@ -115,14 +115,15 @@ def cells(grid: Grid, training: Training, baselines: Mapping[str, Mapping[str, i
     `baselines` gives each model's own counts, `baseline_modes` its own head mode."""
     out: dict[str, Cell] = {}
     sites = list(grid.sites)
+    untrained = Training(**{**asdict(training), "steps": 0})
     for model in grid.models:
         base = dict(baselines[model])
         unknown = [s for s in sites if s not in base]
         if unknown:
             raise SweepError(f"model {model!r} has no token site {unknown[0]!r}; its sites: {', '.join(base) or 'none'}")
         own_mode = (baseline_modes or {}).get(model)
-        first = Cell(model, {s: base[s] for s in sites}, NO_INIT, grid.seeds[0], None, Training(**{
-            **asdict(training), "steps": 0}), baseline=True, label="baseline", context=context)
+        first = Cell(model, {s: base[s] for s in sites}, NO_INIT, grid.seeds[0], None, untrained, baseline=True,
+                     label="baseline", context=context)
         out[first.key] = first
         if grid.joint:
             combos = [dict(zip(sites, values)) for values in itertools.product(*(grid.sites[s] for s in sites))]
@@ -139,7 +140,8 @@ def cells(grid: Grid, training: Training, baselines: Mapping[str, Mapping[str, i
                     continue  # the baseline itself
                 init_used = init if grows else NO_INIT
                 seed_used = seed if trains or init_used in RANDOM_INITS else grid.seeds[0]
-                cell = Cell(model, counts, init_used, seed_used, mode, training, label=label, context=context)
+                trained = training if trains else untrained  # nothing to train: recorded as 0 steps
+                cell = Cell(model, counts, init_used, seed_used, mode, trained, label=label, context=context)
                 out.setdefault(cell.key, cell)
     return list(out.values())
 

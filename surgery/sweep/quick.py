@@ -48,8 +48,10 @@ def base_checkpoint(out: Path) -> Path:
     if classify is None:
         raise SweepError("the quick sweep trains with the timm_vit plugin's 'classify' metric, which is not "
                          "loaded (see `surgery plugins`)")
+    from .runner import threads
+
     data = digits()
-    with torch.random.fork_rng(devices=[]):
+    with threads(1), torch.random.fork_rng(devices=[]):  # one thread: the same weights on every machine
         torch.manual_seed(BASE_TRAINING["seed"])
         model = surgery.build(BASE_MODEL)
         surgery.resize(model, init="normal", seed=BASE_TRAINING["seed"], **BASE_COUNTS)

@@ -52,3 +52,16 @@ def test_failed_cells_make_exit_status_1(capsys, tmp_path):
     assert code == 1
     assert "1 of 3 cells failed" in err and err.count("\n") == 1
     assert "Failed cells (1)" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_readme_sweep_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "surgery.sweep(" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "baseline 0 none drift_cosine 0.0" and len(printed) == 6
+    assert (tmp_path / "out" / "sweep" / "readme" / "summary.md").exists()

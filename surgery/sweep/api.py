@@ -14,16 +14,17 @@ models; the Ray executor's workers load their own.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..errors import SweepError
 from .data import load_data
 from .grid import Cell, Grid, Training, cells as grid_cells, parse_counts
-from .runner import CellResult, Plan, Session, run_local, threads
+from .runner import CellResult, Plan, Session, looks_like_file, run_local, threads
 from . import results as results_io
 
 EXECUTORS = ("local", "ray")
@@ -105,7 +106,10 @@ def sweep(models: str | Sequence[str], sites: Mapping[str, Any], *, inits: str |
               for site, c in sites.items()}
     if not counts:
         raise SweepError("a sweep needs at least one site and its counts, e.g. {'reg_tokens': [0, 1, 2, 4, 8]}")
-    grid = Grid(_tuple(models, "models"), counts, _tuple(inits, "inits"), _tuple(seeds, "seeds"),
+    # files by absolute path: Ray workers need not share this process's working folder
+    models = tuple(os.path.abspath(m) if looks_like_file(m) else m for m in _tuple(models, "models"))
+    data = os.path.abspath(data) if data is not None and str(data) != "digits" else data
+    grid = Grid(models, counts, _tuple(inits, "inits"), _tuple(seeds, "seeds"),
                 _tuple(head_modes, "head modes") or None, joint)
     from ..strategies import check_growth, check_shrink
 

@@ -17,7 +17,6 @@ log after every run, so they always hold exactly the current grid's cells.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -113,7 +112,7 @@ def plot(results: Sequence[CellResult], out: Path) -> list[Path]:
                 mark = None
                 if baseline is not None and metric in baseline.values:
                     mark = (baseline.cell.counts[first_site], baseline.values[metric])
-                path = out / f"{_file_part(metric)}__{_file_part(model)}__{_file_part(label)}.png"
+                path = out / f"{_file_part(metric)}__{_file_part(Path(model).stem)}__{_file_part(label)}.png"
                 report.plot_lines(series, path, f"{metric}: {model}, {label}", f"{first_site} count", metric,
                                   baseline=mark)
                 files.append(path)
@@ -186,10 +185,6 @@ def write(out: Path, results: Sequence[CellResult], env: Mapping[str, Any], vers
     files += plot(results, out)
     files.append(report.write_summary(out, title, summary_sections(results, grid_text), env, files))
     return files
-
-
-def finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 __all__ = ["Store", "rows", "plot", "write", "summary_sections", "LOG", "TABLE"]

@@ -263,3 +263,33 @@ def test_caption_refuses_a_prompt_longer_than_the_model_reads(spm_model):
     with pytest.raises(MetricDataError, match=r"the caption prompt takes \d+ tokens, and the model reads at most 64"):
         measure(choose(["caption"], "llama_adapter_v2", pairs, model),
                 evaluation(model, pairs, options={"tokenizer": spm_model}))
+
+
+def test_caption_on_imagebind_llm(spm_model, surgery_host):
+    """The same metric on ImageBind-LLM: images through its ImageBind encoder (RGB first, the
+    encoder's size), the NLL checked against step-by-step decoding from its visual tokens."""
+    from surgery.images import load_images
+    from surgery.sweep.data import open_image
+    from surgery_plugins.imagebind_llm import plugin as imagebind_llm
+    from surgery_plugins.llama_adapter.tokenizer import Tokenizer
+
+    if "imagebind_llm" not in surgery_host.records:  # not installed as an entry point here: added for the test
+        surgery_host.add_plugin(imagebind_llm, "imagebind_llm")
+    model = surgery.build("imagebind_llm_tiny")
+    data = SweepData("caps", records(image=pictures(4, seed=6), text=["a cat", "two dogs", "a car", "a sun"]), "fp")
+    options = {"tokenizer": spm_model, "prompt": "a photo of", "template": False, "generations": 1, "max_gen_len": 3}
+    ev = evaluation(model, data, options=options)
+    values = measure(choose(["caption"], "imagebind_llm", data, model), ev)
+    tok = Tokenizer(spm_model)
+    prompt = tok.encode("a photo of", bos=True, eos=False)
+    total, count = 0.0, 0
+    for r in data.part("eval"):
+        image = load_images([open_image(r["image"])], 56, rgb_first=True)
+        ids = torch.tensor([prompt + tok.encode(r["text"], bos=False, eos=True)])
+        with torch.no_grad():
+            visual = model.forward_visual({"Image": [image, 1]})
+            for t in range(len(prompt), ids.shape[1]):
+                total -= float(torch.log_softmax(model.forward_inference(visual, ids[:, :t], 0), -1)[0, ids[0, t]])
+                count += 1
+    assert values["caption_nll"] == pytest.approx(total / count, rel=1e-4)
+    assert len(ev.artifacts["generations"]) == 1

@@ -4,7 +4,6 @@ same seeds same numbers, the model put back after every cell, head modes, the qu
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 

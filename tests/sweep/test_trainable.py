@@ -86,6 +86,7 @@ def test_flags_restored_and_hooks_removed():
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with surgery.tokens(model, reg_tokens=4, init="normal", seed=0):
         with surgery.trainable(model, sites="reg_tokens") as params:
+            assert [p is model.reg_token for p in params] == [True]
             assert {n for n, p in model.named_parameters() if p.requires_grad} == {"reg_token"}
         assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
         # after the block nothing is masked: a step moves the old registers too

@@ -87,8 +87,12 @@ def run_ray(cells: Iterable[Cell], plan: Plan, record: Callable[[CellResult], No
     actors = [actor.remote(plan.to_dict()) for _ in range(min(workers, len(cells)))]
     try:
         pool = ActorPool(actors)
-        for result in pool.map_unordered(lambda a, cell: a.run.remote(cell.to_dict()), cells):
-            record(CellResult.from_dict(result))
+        try:
+            for result in pool.map_unordered(lambda a, cell: a.run.remote(cell.to_dict()), cells):
+                record(CellResult.from_dict(result))
+        except ray.exceptions.RayError as exc:  # a worker process died (out of memory, killed, a node lost)
+            raise SweepError(f"a Ray worker failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
+                             f"the cells finished so far are in the results folder, and a rerun resumes") from None
     finally:
         for a in actors:
             ray.kill(a)

@@ -158,6 +158,9 @@ def _put_back(entries: list[_Masked]) -> None:
     """After any optimizer's step: the rows not chosen get their values from entry back (weight decay
     and momentum move them even with a zero gradient)."""
     for entry in entries:
+        if entry.param.shape != entry.frozen.shape:
+            raise SweepError("a parameter changed shape inside surgery.trainable(...) (a resize inside the block); "
+                             "resize first, then open trainable")
         entry.param.copy_(torch.where(entry.mask, entry.param, entry.frozen))
 
 

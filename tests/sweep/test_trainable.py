@@ -168,3 +168,13 @@ def test_refusals():
     with pytest.raises(SweepError, match="rows='some'"):
         with surgery.trainable(model, sites="reg_tokens", rows="some"):
             pass
+
+
+def test_a_resize_inside_the_block_is_refused_at_the_next_step():
+    model = surgery.build("vit_tiny_test")
+    with surgery.tokens(model, reg_tokens=2, init="normal"):
+        with surgery.trainable(model, sites="reg_tokens") as params:
+            opt = torch.optim.SGD(params, lr=0.1)
+            surgery.resize(model, reg_tokens=3)  # pos_embed, partly frozen, gains a row
+            with pytest.raises(SweepError, match="changed shape inside surgery.trainable"):
+                opt.step()

@@ -28,7 +28,8 @@ _EXPORTS = {
     "get_host": "plugins",
     "trainable": "sweep.train",
 }
-_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows", "sweep")
+_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows",
+            "sweep")
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

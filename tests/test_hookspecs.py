@@ -268,6 +268,7 @@ def test_hook_surgery_apply_options(fresh_host, tmp_path):
     surgery.load(tmp_path / "mean.safetensors", fresh)  # the option comes back through the hook
     assert fresh.pooling == "mean"
 
+
 def test_hook_surgery_register_metrics(fresh_host):
     from surgery.sweep.metrics import available
 

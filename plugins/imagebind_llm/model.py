@@ -39,6 +39,7 @@ from surgery import ops
 from surgery.errors import ModelConfigError, ModelInputError
 from surgery_plugins.imagebind.model import ImageBindModel
 from surgery_plugins.llama_adapter.llama import AdapterKV, KVCache, Transformer, decode
+from surgery_plugins.llama_adapter.model import randomize_zero_inits  # the same zero-initialised set
 
 from .bridge import add_bridge, bridge_names, run_bridge
 from .config import PHASES, ImageBindLLMConfig
@@ -75,19 +76,6 @@ class _DecodeCaches:
         self.clear()
 
 
-def _randomize_zero_inits(model: nn.Module, std: float = 0.5) -> None:
-    """Give the parameters upstream zero-initialises (gates, LLaMA biases, LoRA l2) random values."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith("llama."):
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "gate":
-                p.uniform_(-1.0, 1.0)  # tanh(gate) well away from 0
-            elif leaf == "bias" or "_l2." in name:
-                p.normal_(0.0, std * 0.1)
-
-
 class ImageBindLLM(nn.Module):
     def __init__(self, config: ImageBindLLMConfig, tokenizer: Any = None):
         super().__init__()
@@ -108,7 +96,7 @@ class ImageBindLLM(nn.Module):
         self.knn: Optional[KnnCache] = None
         self._decode = _DecodeCaches()
         if config.init == "random":
-            _randomize_zero_inits(self)
+            randomize_zero_inits(self)
 
     # -- counts and caches -----------------------------------------------------------------------
 

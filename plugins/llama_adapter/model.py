@@ -98,8 +98,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _randomize_zero_inits(model: nn.Module, std: float = 0.5) -> None:
-    """Give the parameters upstream zero-initialises (and new_gate) random values."""
+def randomize_zero_inits(model: nn.Module, std: float = 0.5) -> None:
+    """Give the parameters upstream zero-initialises (gates, new_gate, LLaMA biases, LoRA l2) random
+    values; ImageBind-LLM's models use it too."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -204,7 +205,7 @@ class LLaMAAdapter(nn.Module):
         self.criterion = nn.CrossEntropyLoss(ignore_index=0)
         self._caches = _Caches()
         if config.init == "random":
-            _randomize_zero_inits(self)
+            randomize_zero_inits(self)
         elif config.init != "upstream":
             raise ValueError(f"AdapterConfig.init must be 'upstream' or 'random', got {config.init!r}")
 

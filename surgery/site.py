@@ -196,6 +196,7 @@ class TokenSite:
             "note": self.note,
             "description": self.description,
             "plugin": self.plugin,
+            "part": self.part,
             "tensors": [
                 {
                     "key": path(t),

@@ -1,4 +1,5 @@
-"""A site prints as a summary of itself, never as the model it belongs to (issue 14 item 24)."""
+"""A site prints as a summary of itself, never as the model it belongs to (issue 14 item 24), and its
+JSON names the sub-model part it belongs to (issue 17)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import timm
 
 import surgery
-from surgery.cli import site_dicts
+from surgery.cli import main, site_dicts
 
 
 def test_sites_print_as_a_short_summary():
@@ -30,3 +31,15 @@ def test_views_and_anchors_show_in_the_summary_and_the_json():
     counters = {c for s in site_dicts(model) for c in s["counters"]}
     assert {"LLaMAAdapter.query_len", "LLaMAAdapter.query_layer", "Embedding.num_embeddings"} <= counters
     json.dumps(site_dicts(model))  # plain data
+
+
+def test_inspect_json_names_the_part_each_site_belongs_to(capsys):
+    # ImageBind-LLM composes ImageBind at `image_bind`: its sites are that part's, query_layer is the model's own
+    assert main(["inspect", "imagebind_llm_tiny", "--json"]) == 0
+    sites = {s["name"]: s for s in json.loads(capsys.readouterr().out)["sites"]}
+    modalities = ("vision", "text", "audio", "depth", "thermal", "imu", "point")
+    assert {n: s["part"] for n, s in sites.items()} == {
+        "query_layer": "", **{f"num_cls_tokens.{m}": "image_bind" for m in modalities}}
+    for site in sites.values():  # a part's tensors are under its path in the state dict
+        assert all(t["key"].startswith(f"{site['part']}.") for t in site["tensors"] if site["part"])
+        assert all(not t["key"].startswith("image_bind.") for t in site["tensors"] if not site["part"])

@@ -1,4 +1,5 @@
-"""Random walks of counts over every built-in plugin's tiny model, sites sharing a tensor included.
+"""Random walks of counts over every built-in plugin's tiny model, sites sharing a tensor and sites of a
+composed sub-model (ImageBind-LLM's encoder) included.
 
 Each model's token tensors are read here as cells keyed by token identity (which token of which
 site a row belongs to: `query_layer` counts its layers from the last one, `query_len` its queries
@@ -57,11 +58,28 @@ def imagebind_cells(model):
     return cells
 
 
+def imagebind_llm_cells(model):
+    """prefix_query rows (L, dim) by layer from the last; the encoder's cells, the point modality's
+    cls_token and cls_pos rows (one each per CLS token) included."""
+    L, encoder = model.query_layer, model.image_bind
+    cells = {("prefix_query", i): model.prefix_query.weight[L - 1 - i] for i in range(L)}
+    cells.update(imagebind_cells(encoder))
+    point = encoder.point_trunk.point_encoder
+    cells.update({("point", "cls", k): point.cls_token[0, k] for k in range(point.num_cls_tokens)})
+    cells.update({("point", "pos_cls", k): point.cls_pos[0, k] for k in range(point.num_cls_tokens)})
+    return cells
+
+
+# name: (build options, cells, {site: (lowest, highest count walked)}, examples)
 SUBJECTS = {
-    "llama_adapter_v2_tiny": (dict(), llama_cells, {"query_len": (1, 5), "query_layer": (1, 4)}),
-    "vit_tiny_avg_test": (dict(reg_tokens=3), vit_cells, {"class_token": (0, 1), "reg_tokens": (0, 5)}),
+    "llama_adapter_v2_tiny": (dict(), llama_cells, {"query_len": (1, 5), "query_layer": (1, 4)}, 25),
+    "vit_tiny_avg_test": (dict(reg_tokens=3), vit_cells, {"class_token": (0, 1), "reg_tokens": (0, 5)}, 25),
     "imagebind_tiny_test": (dict(), imagebind_cells,
-                            {f"num_cls_tokens.{m}": (0, 3) for m in IMAGEBIND_MODALITIES}),
+                            {f"num_cls_tokens.{m}": (0, 3) for m in IMAGEBIND_MODALITIES}, 25),
+    # the composed model: its own query_layer and its encoder's sites (point: at least one CLS token)
+    "imagebind_llm_tiny": (dict(), imagebind_llm_cells,
+                           {"query_layer": (1, 4), "num_cls_tokens.point": (1, 3),
+                            **{f"num_cls_tokens.{m}": (0, 3) for m in IMAGEBIND_MODALITIES}}, 15),
 }
 
 
@@ -118,7 +136,7 @@ def walk(name, steps):
 
 @pytest.mark.parametrize("name", list(SUBJECTS))
 def test_random_walks_keep_every_token_row_and_walk_back_exactly(name):
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=SUBJECTS[name][3], deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(steps=walks(name))
     def run(steps):
         model, state, start_outputs, only_restore = walk(name, steps)

@@ -33,7 +33,6 @@ from . import hookspecs
 from .errors import BackboneError, PluginConflictError, PluginError
 
 ENTRY_POINT_GROUP = "surgery.backbones"
-REGISTRATION_HOOKS = ("surgery_register_backbones", "surgery_register_models", "surgery_register_metrics")
 BUILTIN_DISTRIBUTION = "token-surgery"  # entry points of this distribution are the built-in plugins
 STRICT_ENV, ONLY_ENV = "SURGERY_STRICT_PLUGINS", "SURGERY_PLUGINS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")

@@ -494,7 +494,6 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
         raise CheckpointError(f"{where} lacks {len(missing)} adapter key(s) of the architecture its tensors "
                               f"describe ({_describe(hp)}): {_listing(missing)}")
     state: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
         if tensor.shape != expected[key].shape:
@@ -503,7 +502,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
                                   f"needs {tuple(expected[key].shape)}")
         if tensor.is_floating_point():  # cast and move one tensor at a time: the file's copy is freed here
             tensor = tensor.to(device=device, dtype=dtype)
-        state[key], origin[key] = tensor, source
+        state[key] = tensor
 
     if clip_sd is not None:
         for key in list(clip_sd):

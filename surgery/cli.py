@@ -29,14 +29,15 @@ import sys
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
+from surgery.commands import CommandRegistry, add_to_parser
+
 # Kept in words here so that `--help` needs no torch; `_check_strategies` validates against
 # `surgery.strategies` itself, so a name listed here that no longer exists is still refused.
 GROWTH_HELP = "restore (default: tokens a shrink dropped come back first), zeros, mean, normal, copy, interpolate"
 SHRINK_HELP = "truncate (default), pool"
 
 
-class UsageError(Exception):
-    """A malformed command line (exit 2), raised instead of argparse's print-usage-and-exit."""
+from surgery.commands import UsageError  # a malformed command line (exit 2); commands of plugins raise it too
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,24 +219,36 @@ def _looks_like_path(target: str) -> bool:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    """List every plugin the host tried to load, failed ones with their error."""
+    """List every plugin the host tried to load, failed ones with their error, and the commands each
+    contributes (a command module shares its plugin's entry-point name; `surgery.commands`)."""
     from surgery.plugins import get_host
 
     host = get_host()
     host.check_detectors()  # a detect that fails for any model shows as "degraded", with its error
-    records = list(host.records.values())
+    records = [r.to_dict() for r in host.records.values()]
+    modules = command_registry().records
+    for record in records:
+        module = modules.pop(record["name"], None)
+        record["commands"] = module.commands if module else []
+        if module and module.error:
+            record["commands_error"] = module.error
+    # a command module with no backbone plugin of its name (a plugin of commands only)
+    records += [{**m.to_dict(), "status": m.status, "commands_error": m.error, "error": None} for m in modules.values()]
     if args.json:
-        print(json.dumps([r.to_dict() for r in records], indent=2))
+        print(json.dumps(records, indent=2))
         return 0
     if not records:
         print("no backbone plugins found (entry-point group 'surgery.backbones'; see SURGERY_PLUGINS)")
         return 0
-    rows = [[r.name, r.version or "-", r.status, ", ".join(r.backbones) or "-", len(r.models),
-             ", ".join(h.removeprefix("surgery_") for h in r.hooks) or "-"] for r in records]
-    _print(_table(["PLUGIN", "VERSION", "STATUS", "BACKBONES", "MODELS", "HOOKS (surgery_*)"], rows))
+    rows = [[r["name"], r.get("version") or "-", r["status"], ", ".join(r.get("backbones", [])) or "-",
+             len(r.get("models", [])), ", ".join(r["commands"]) or "-",
+             ", ".join(h.removeprefix("surgery_") for h in r.get("hooks", [])) or "-"] for r in records]
+    _print(_table(["PLUGIN", "VERSION", "STATUS", "BACKBONES", "MODELS", "COMMANDS", "HOOKS (surgery_*)"], rows))
     for r in records:
-        if r.error:
-            print(f"{r.name}: {r.error}")
+        if r.get("error"):
+            print(f"{r['name']}: {r['error']}")
+        if r.get("commands_error"):
+            print(f"{r['name']} (commands, {r['module']}): {r['commands_error']}")
     return 0
 
 
@@ -733,7 +746,15 @@ def build_parser() -> argparse.ArgumentParser:
     from surgery.sweep.cli import add_command as add_sweep_command  # its code lives in surgery/sweep/cli.py
 
     add_sweep_command(command)
+    add_to_parser(command_registry(), sub, _Parser)  # what plugins' command modules contribute
     return parser
+
+
+def command_registry() -> CommandRegistry:
+    """The commands of the installed command modules (`surgery.commands` entry points)."""
+    registry = CommandRegistry()
+    registry.load_entry_points()
+    return registry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -751,8 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from surgery import ops
 
             ops.selected_backend()
+        command = getattr(args, "command_object", None)
+        if command is not None and command.run is None:  # a group command typed without its kind
+            kinds = ", ".join(k.name for k in command_registry().kinds(command.name)) or "none installed"
+            raise UsageError(f"choose what 'surgery {command.name}' runs: {kinds} (see 'surgery {command.name} --help')")
         with _ReaderMayLeave():
-            return args.func(args)
+            return command.run(args) if command is not None else args.func(args)
     except SystemExit as exc:  # plugin or library code calling sys.exit(): never a success
         return _fail(SystemExit(f"sys.exit({exc.code!r}) was called during the command; it was stopped"), 1)
     except UsageError as exc:

@@ -7,6 +7,16 @@ Catch `SurgeryError` to catch them all.
 
 from __future__ import annotations
 
+import os
+import traceback
+
+# What plugin code may raise without taking the host down: any error, and `sys.exit()`.
+# KeyboardInterrupt is the user's and still stops everything.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+# Where torch appends the C++ stack to an error's message (TORCH_SHOW_CPP_STACKTRACES=1, some builds)
+CPP_BACKTRACE_MARKERS = ("\nC++ CapturedTraceback:", "\nException raised from ")
+
 
 class SurgeryError(Exception):
     """Base class of every error raised by token-surgery."""
@@ -105,6 +115,19 @@ def short_repr(value: object, limit: int = 80) -> str:
     except RecursionError:  # a deeply nested value
         return f"<a {type(value).__name__} nested too deeply to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException) -> str:
+    """`Type: message (at file:line)` of an exception raised by plugin code, for records and errors
+    (without the C++ stack torch may append to the message: a one-line error stays one line)."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r}) was called{at}"
+    message = str(exc)
+    for marker in CPP_BACKTRACE_MARKERS:
+        message = message.split(marker, 1)[0]
+    return f"{type(exc).__name__}: {message}{at}"
 
 
 __all__ = [

@@ -27,6 +27,8 @@ Which hooks a plugin needs:
   but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
   `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
 
+* `surgery_register_commands`: commands of the `surgery` command line (`surgery generate`,
+  `surgery bench e2e`), from a light command module of its own (`surgery.commands`).
 * `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
   at every token count (see `surgery.sweep.metrics` and docs/plugins.md).
 
@@ -164,4 +166,20 @@ def surgery_register_metrics(register: Callable[..., None]) -> None:
     a data set cannot be used (None when it can), so a sweep refuses it before any cell runs;
     `loss(evaluation, records) -> scalar tensor` makes the metric's task a training objective
     for the new tokens. A name registered twice (by any two plugins, or the core's) is an error.
+    """
+
+
+@hookspec
+def surgery_register_commands(register: Callable[..., None]) -> None:
+    """Register commands of the `surgery` command line (`surgery.commands`).
+
+    Implemented by a *command module*, listed under the `surgery.commands` entry-point group (not
+    by the backbone plugin: the command line imports command modules for every call, `--help`
+    included, so they import only the standard library at module level).
+
+    Call `register(name, run, *, help, description="", add_arguments=None, group=None)`:
+    `run(args) -> int` runs the command with its parsed `argparse.Namespace` and returns the exit
+    status, importing what it needs when it runs; `add_arguments(parser)` adds its options;
+    `group="bench"` makes it a kind of a group command (`surgery bench NAME`); `run=None`
+    registers a group command. A name already taken (by the core or a plugin) is an error.
     """

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import threading
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -30,20 +29,13 @@ import pluggy
 from torch import nn
 
 from . import hookspecs
-from .errors import BackboneError, PluginConflictError, PluginError
+from .commands import ONLY_ENV, is_builtin, selected_entry_points
+from .errors import PLUGIN_FAILURES, BackboneError, PluginConflictError, PluginError, describe_error
 
 ENTRY_POINT_GROUP = "surgery.backbones"
-BUILTIN_DISTRIBUTION = "token-surgery"  # entry points of this distribution are the built-in plugins
-STRICT_ENV, ONLY_ENV = "SURGERY_STRICT_PLUGINS", "SURGERY_PLUGINS"
+STRICT_ENV = "SURGERY_STRICT_PLUGINS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 MAX_PROBLEMS = 8  # run-time errors kept per plugin record (the first ones; later ones are alike)
-
-# Where torch appends the C++ stack to an error's message (TORCH_SHOW_CPP_STACKTRACES=1, some builds)
-CPP_BACKTRACE_MARKERS = ("\nC++ CapturedTraceback:", "\nException raised from ")
-
-# What plugin code may raise without taking the host down: any error, and `sys.exit()`.
-# KeyboardInterrupt is the user's and still stops everything.
-PLUGIN_FAILURES = (Exception, SystemExit)
 
 
 @dataclass
@@ -129,25 +121,21 @@ class PluginHost:
     def load_entry_points(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
         """Load the plugins of the entry-point group (filtered by SURGERY_PLUGINS): the built-in
         ones first, then the others, each sorted by name."""
-        if entry_points is None:
-            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-        entry_points = list(entry_points)
-        only = os.environ.get(ONLY_ENV)
-        if only is not None:
-            wanted = {n.strip() for n in only.split(",") if n.strip()}
-            installed = {ep.name for ep in entry_points}
-            for name in sorted(wanted - installed):
-                self._fail(name, None, "", f"{ONLY_ENV} names {name!r}, but no installed plugin has that entry "
-                           f"point; installed: {', '.join(sorted(installed)) or 'none'}", None, status="missing")
-            entry_points = [ep for ep in entry_points if ep.name in wanted]
-        for ep in sorted(entry_points, key=lambda e: (not _is_builtin(e), e.name)):
+        given = None if entry_points is None else list(entry_points)
+        entry_points, missing = selected_entry_points(ENTRY_POINT_GROUP, given)
+        installed = ", ".join(sorted(ep.name for ep in (given if given is not None else
+                                                         importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))))
+        for name in missing:
+            self._fail(name, None, "", f"{ONLY_ENV} names {name!r}, but no installed plugin has that entry "
+                       f"point; installed: {installed or 'none'}", None, status="missing")
+        for ep in sorted(entry_points, key=lambda e: (not is_builtin(e), e.name)):
             version = ep.dist.version if getattr(ep, "dist", None) is not None else None
             try:
                 plugin = ep.load()
             except PLUGIN_FAILURES as exc:
                 self._fail(ep.name, version, ep.value, f"import failed: {describe_error(exc)}", exc)
                 continue
-            self.add_plugin(plugin, ep.name, version=version, module=ep.value, builtin=_is_builtin(ep))
+            self.add_plugin(plugin, ep.name, version=version, module=ep.value, builtin=is_builtin(ep))
 
     def add_plugin(self, plugin: Any, name: str, version: str | None = None, module: str | None = None,
                    builtin: bool = False) -> bool:
@@ -333,25 +321,6 @@ def strict_from_env() -> bool:
         return False
     raise PluginError(f"{STRICT_ENV}={raw!r} is not a yes/no value; use 1, true, yes or on (a failing plugin "
                       f"is fatal) or 0, false, no, off or empty (it is recorded)")
-
-
-def _is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
-    dist = getattr(ep, "dist", None)
-    name = getattr(dist, "name", None) or ""
-    return name.lower().replace("_", "-").replace(".", "-") == BUILTIN_DISTRIBUTION
-
-
-def describe_error(exc: BaseException) -> str:
-    """`Type: message (at file:line)` of an exception raised by plugin code, for records and errors
-    (without the C++ stack torch may append to the message: a one-line error stays one line)."""
-    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-    if isinstance(exc, SystemExit):
-        return f"sys.exit({exc.code!r}) was called{at}"
-    message = str(exc)
-    for marker in CPP_BACKTRACE_MARKERS:
-        message = message.split(marker, 1)[0]
-    return f"{type(exc).__name__}: {message}{at}"
 
 
 _host: PluginHost | None = None

@@ -327,3 +327,17 @@ def test_hook_surgery_submodels(fresh_host):
     assert list(surgery.sites(model)) == list(surgery.sites(model.inner))
     surgery.resize(model, prompts=3, query_layer=3)
     assert model.inner.prompts.shape[0] == 3 and model.inner.adapter_layers == [1, 2, 3]
+
+
+def test_hook_surgery_register_commands():
+    from surgery.commands import CommandRegistry
+
+    class Commands:
+        @surgery.hookimpl
+        def surgery_register_commands(self, register):
+            register("probe", lambda args: 7, help="a probe", add_arguments=lambda p: p.add_argument("--n", type=int))
+
+    registry = CommandRegistry()
+    assert registry.add_module(Commands(), "probe_module")
+    command = registry.commands["probe"]
+    assert command.plugin == "probe_module" and command.run(None) == 7

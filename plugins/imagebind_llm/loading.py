@@ -7,7 +7,7 @@ The official layout is three things:
 
 * a LLaMA folder: `<llama_dir>/<llama_type>/params.json`, `consolidated.NN.pth` (merged when
   there are several) and `<llama_dir>/tokenizer.model` (the released model was fine-tuned on
-  Open-Chinese-LLaMA, `7B_chinese`; upstream.md §2.3);
+  Open-Chinese-LLaMA, `7B_chinese`: OpenGVLab/LLaMA-Adapter `imagebind_LLM/tools/get_chinese_llama.py`);
 * the released `7B.pth`, `{'model': {...}}` with the keys upstream's `convert_ckpt.py` keeps: the
   bridge (`image_bind_proj.*`, `image_bind_norm_{1,2,3}.*`, `image_bind_f{1,2,3}_{1,2,3}.*`),
   `prefix_query.weight`, and the LLaMA's `bias`, `gate`, `lora` and `norm` keys;

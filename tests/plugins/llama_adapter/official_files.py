@@ -6,10 +6,12 @@
     root/BIAS.pth / LORA.pth                {'model': adapter subset, 'config': {...}}
     root/clip.pth / clip.safetensors        OpenAI CLIP image tower (visual.* or clip.visual.*)
 
-The key names and 7B shapes below are the released ones (upstream.md, keys/*.txt collapsed over the
-layer / block index), scaled down by mapping each 7B extent to its tiny counterpart. They are
-written out here, not taken from our model, so the loader is tested against the upstream layout
-and not against itself; `test_loading.py` checks them against keys/*.txt when that folder exists.
+The key names and 7B shapes below are the released ones (tests/data/keys/*.txt, from OpenGVLab/
+LLaMA-Adapter `llama_adapter_v2_multimodal7b/llama/llama_adapter.py` and
+`util/extract_adapter_from_checkpoint.py`, collapsed over the layer / block index), scaled down by
+mapping each 7B extent to its tiny counterpart. They are written out here, not taken from our
+model, so the loader is tested against the upstream layout and not against itself;
+`test_loading.py` checks them against the key lists.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+KEYS = Path(__file__).resolve().parents[2] / "data" / "keys"  # the released key lists (README.md there)
 # name pattern, 7B shape; "B" rows are in the BIAS-7B list, "L" rows only in LORA-BIAS-7B's
 # ({L}: llama layer 0..31, {B}: visual block 0..7)
 ADAPTER_7B = """\

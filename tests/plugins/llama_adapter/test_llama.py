@@ -1,7 +1,7 @@
 """The LLaMA of LLaMA-Adapter V2 against an independent reference written from upstream's semantics.
 
 The reference below (`ref_*`, `RefLLaMA`) is a functional re-statement of upstream
-`llama_adapter_v2_multimodal7b/llama/llama.py` as described in upstream.md §1.7-1.9: complex
+`llama_adapter_v2_multimodal7b/llama/llama.py` (OpenGVLab/LLaMA-Adapter): complex
 rotary embeddings through `view_as_complex`, explicit score matmuls, the adapter branch with its
 own softmax, a KV cache laid out (B, S, H, hd) as upstream's. It reads the model's state dict
 and shares no code with `surgery_plugins.llama_adapter.llama`. `test_model.py` builds the

@@ -1,6 +1,6 @@
 """load_official / save_official against tiny files in the official layout (official_files.py).
 
-The files are written from upstream's key names (keys/*.txt, collapsed and scaled down), never
+The files are written from upstream's key names (tests/data/keys/*.txt, collapsed and scaled down), never
 from our model's state dict, and every check reads the expected values back from the files
 with torch.load / safetensors: what the loader put where is compared with what the files hold.
 The tiny models go through exactly the code path a real 7B checkpoint takes.
@@ -27,8 +27,6 @@ from surgery_plugins.llama_adapter.loading import (
     read_adapter_checkpoint,
     save_official,
 )
-
-REFERENCE_KEYS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "keys"  # ../shared beside the checkout
 
 
 def read(path: Path) -> dict:
@@ -82,11 +80,10 @@ def _collapse(path: Path, strip: str = "") -> list[tuple[str, tuple[int, ...]]]:
     return rows
 
 
-@pytest.mark.skipif(not REFERENCE_KEYS.is_dir(), reason="reference key lists not available")
 def test_fixture_tables_are_the_released_key_lists():
-    bias = _collapse(REFERENCE_KEYS / "llama_adapter_v2_7b_bias_adapter_ckpt.txt")
-    lora = _collapse(REFERENCE_KEYS / "llama_adapter_v2_7b_lora_adapter_ckpt.txt")
-    full = _collapse(REFERENCE_KEYS / "llama_adapter_v2_7b_full_model_lora.txt")
+    bias = _collapse(of.KEYS / "llama_adapter_v2_7b_bias_adapter_ckpt.txt")
+    lora = _collapse(of.KEYS / "llama_adapter_v2_7b_lora_adapter_ckpt.txt")
+    full = _collapse(of.KEYS / "llama_adapter_v2_7b_full_model_lora.txt")
     table = of.parse(of.ADAPTER_7B)
     assert sorted((p, s) for _, p, s in table) == sorted(lora)
     assert sorted((p, s) for t, p, s in table if t == "B") == sorted(bias)
@@ -98,7 +95,7 @@ def test_fixture_tables_are_the_released_key_lists():
     assert sorted((p, s) for _, p, s in of.parse(of.CLIP_7B)) == sorted(clip)
     # and the tiny files expand the patterns to the full lists (32 layers, 8 blocks)
     spec = of.TinySpec(n_layers=32, v_depth=8)
-    names = {line.split(" ")[0] for line in (REFERENCE_KEYS / "llama_adapter_v2_7b_bias_adapter_ckpt.txt")
+    names = {line.split(" ")[0] for line in (of.KEYS / "llama_adapter_v2_7b_bias_adapter_ckpt.txt")
              .read_text().splitlines()}
     assert set(of.adapter_state_dict(spec, "BIAS")) == names
 

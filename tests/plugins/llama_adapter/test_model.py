@@ -1,4 +1,5 @@
-"""LLaMAAdapter against a reference of upstream's LLaMA_adapter (upstream.md §1.5-1.8).
+"""LLaMAAdapter against a reference of upstream's LLaMA_adapter (OpenGVLab/LLaMA-Adapter
+`llama_adapter_v2_multimodal7b/llama/llama_adapter.py`).
 
 `RefAdapter` restates upstream's `forward_visual`, `forward`, `forward_inference` (adapters
 recomputed at every step) and `generate` as functions of the model's state dict, on top of
@@ -22,9 +23,9 @@ from torch import nn
 
 from surgery import ops
 from surgery_plugins.llama_adapter.model import AdapterConfig, LLaMAAdapter
+from official_files import KEYS
 from test_llama import RefLLaMA, randomize, ref_mask
 
-KEYS = Path(__file__).resolve().parents[3].parent / "shared" / "reference" / "keys"  # ../shared beside the checkout
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[1, 17, 42, 99, 7, 123], [1, 5, 160]]  # left-aligned, different lengths
 
@@ -153,11 +154,8 @@ def resize_by_hand(model: LLaMAAdapter, query_len: int, query_layer: int, seed=5
 
 
 def read_keys(name):
-    path = KEYS / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
     out = {}
-    for line in path.read_text().splitlines():
+    for line in (KEYS / name).read_text().splitlines():
         key, shape = re.fullmatch(r"(\S+) (\(.*\)) \S+", line).groups()
         out[key] = tuple(int(d) for d in shape.strip("(),").split(",") if d.strip())
     return out

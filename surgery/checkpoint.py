@@ -284,14 +284,15 @@ def _listing(items: list[str], cap: int = LIST_CAP) -> str:
 
 
 def state_dict_counts(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                      backbone: str | None = None) -> dict[str, int]:
+                      backbone: str | None = None, partial: bool = False) -> dict[str, int]:
     """Each site's count in `state_dict` (a state dict of `model`'s backbone, at any counts).
 
     A site's own `count_in_state_dict(state_dict, paths)` decides when the plugin gives one
     (`paths` maps id(module) to its key prefix; returning None means "cannot tell"). Otherwise
     the site's first tensor is read: present, its extent along `axis`, less whatever the model's
     tensor holds besides this site's tokens; absent and declared with a `template`, 0. Sites that
-    cannot be told are left out (they keep the model's count).
+    cannot be told are left out (they keep the model's count). In a `partial` state dict (a file
+    holding only some of the model's weights) an absent tensor tells nothing.
     """
     paths = module_paths(model)
     found: dict[str, int] = {}
@@ -303,7 +304,7 @@ def state_dict_counts(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                 raise CheckpointError(f"site {name!r}: plugin {site.plugin!r} failed to read its count from "
                                       f"the state dict: {type(exc).__name__}: {exc}") from exc
         elif site.tensors:
-            count = _default_count(site, state_dict, paths)
+            count = _default_count(site, state_dict, paths, partial)
         else:
             count = None
         if count is not None:
@@ -314,7 +315,8 @@ def state_dict_counts(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     return found
 
 
-def _default_count(site, state_dict: Mapping[str, torch.Tensor], paths: Mapping[int, str]) -> int | None:
+def _default_count(site, state_dict: Mapping[str, torch.Tensor], paths: Mapping[int, str],
+                   partial: bool = False) -> int | None:
     t = site.tensors[0]
     prefix = paths.get(id(t.module), "")
     key = f"{prefix}.{t.name}" if prefix else t.name
@@ -324,7 +326,7 @@ def _default_count(site, state_dict: Mapping[str, torch.Tensor], paths: Mapping[
                               f"give the site a count_in_state_dict(state_dict, paths)")
     stored = state_dict.get(key)
     if stored is None:
-        return 0 if t.template is not None else None
+        return 0 if t.template is not None and not partial else None
     mine = t.tensor()
     if not isinstance(stored, torch.Tensor) or stored.dim() != mine.dim():
         return None  # the key check reports the shape
@@ -346,10 +348,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
     the model's recipe (checked step by step, never run: a hostile recipe allocates nothing), so
     the recipe stays complete for the next `save`. A file of another backbone is refused.
     """
+    from .layouts import read_any  # layouts builds on this module's readers
+
     path = as_path(path)
-    state_dict, metadata = read_checkpoint(path)
+    state_dict, metadata, layout = read_any(path)  # a released or Hugging Face layout: a plugin renamed its keys
     info = metadata.get(META_KEY) or {}
-    recipe, options = None, {}
+    recipe, options = None, dict(layout.options) if layout else {}
     if info:
         if not isinstance(info.get("format"), int) or info["format"] > FORMAT:
             raise CheckpointError(f"checkpoint {path}: {META_KEY!r} metadata format {info.get('format')!r} is not "
@@ -364,8 +368,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True, mism
             except SurgeryError as exc:  # a RecipeError naming the step and field
                 raise CheckpointError(f"checkpoint {path}: {exc}") from exc
         options = saved_options(info, f"checkpoint {path}")
+    where = f"checkpoint {path}" + (f" ({layout.name}, recognised by plugin {layout.plugin!r})" if layout else "")
     return _load(model, state_dict, strict=strict, mismatch=mismatch, init=init, shrink=shrink, seed=seed,
-                 recipe=recipe, where=f"checkpoint {path}", options=options)
+                 recipe=recipe, where=where, options=options, partial=bool(layout and layout.partial))
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool = True,
@@ -385,7 +390,8 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *,
 
 
 def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str, init, shrink, seed: int,
-          recipe: Recipe | None, where: str, options: Mapping[str, Any] | None = None) -> LoadResult:
+          recipe: Recipe | None, where: str, options: Mapping[str, Any] | None = None,
+          partial: bool = False) -> LoadResult:
     if mismatch not in ("model", "checkpoint"):
         raise CheckpointError(f"mismatch must be 'model' (resize the model to the checkpoint's counts) or "
                               f"'checkpoint' (fit the checkpoint's tensors to the model's counts), got {mismatch!r}")
@@ -401,17 +407,17 @@ def _load(model: nn.Module, state_dict: Mapping, *, strict: bool, mismatch: str,
         # the file's options first where the model takes them as it is (they may allow its counts:
         # ImageBind's `first` lets a count go to 0); the others once the counts are the file's
         pending = apply_options(model, options or {}, journal.edit, backbone=backbone, where=where, only_valid=True)
-        found = state_dict_counts(model, sd, backbone)
+        found = state_dict_counts(model, sd, backbone, partial)
         try:
             validate(model, found, backbone)
         except SurgeryError as exc:  # counts this model cannot take: often not a checkpoint of it at all
-            problems = _check_keys(model, dict(sd), strict)[0]
+            problems = _check_keys(model, dict(sd), strict, partial)[0]
             raise CheckpointError(f"{where} does not fit the model: its token counts {found} cannot be applied "
                                   f"({exc})" + "".join(f"; {p}" for p in problems)) from exc
         history = _history(model, recipe, journal.start, found, where) if mismatch == "model" else None
         # one resize, to the file's counts (and where a tensor cannot tell, to the recipe's)
         journal.resize({**(recipe.counts if history else {}), **found}, init, shrink, seed)
-        problems, missing, unexpected = _check_keys(model, sd, strict)
+        problems, missing, unexpected = _check_keys(model, sd, strict, partial)
         if problems:
             raise CheckpointError(f"{where} does not fit the model (token counts {found}): " + "; ".join(problems)
                                   + "; the model was left as it was")
@@ -502,9 +508,11 @@ class _Journal:
         _notify(self.model, self.backbone, "surgery_after_resize", undo)
 
 
-def _check_keys(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> tuple[list[str], list[str], list[str]]:
+def _check_keys(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool,
+                partial: bool = False) -> tuple[list[str], list[str], list[str]]:
     """(problems, missing, unexpected) of loading `sd` into `model` as it is now, checked before
-    anything is copied. Keys of tensors the model ties to a key `sd` has (written once by
+    anything is copied; `partial`: a file that holds only some of the model's weights (missing
+    keys are expected, unexpected ones still refused). Keys of tensors the model ties to a key `sd` has (written once by
     safetensors' save_model) are filled into `sd` from that key."""
     expected = model.state_dict(keep_vars=True)
     tied: dict[tuple, list[str]] = {}
@@ -522,7 +530,7 @@ def _check_keys(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool) -> 
                   if isinstance(v, torch.Tensor) and isinstance(expected.get(k), torch.Tensor)
                   and v.shape != expected[k].shape]
     problems = []
-    if strict and missing:
+    if strict and missing and not partial:
         problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
     if strict and unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")

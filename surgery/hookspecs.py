@@ -27,6 +27,8 @@ Which hooks a plugin needs:
   but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
   `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
 
+* `surgery_checkpoint_layout`: recognise a checkpoint in a layout the plugin knows (an upstream
+  release, a Hugging Face folder) and rename its keys to its model's (`surgery.layouts`).
 * `surgery_register_commands`: commands of the `surgery` command line (`surgery generate`,
   `surgery bench e2e`), from a light command module of its own (`surgery.commands`).
 * `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
@@ -166,6 +168,20 @@ def surgery_register_metrics(register: Callable[..., None]) -> None:
     a data set cannot be used (None when it can), so a sweep refuses it before any cell runs;
     `loss(evaluation, records) -> scalar tensor` makes the metric's task a training objective
     for the new tokens. A name registered twice (by any two plugins, or the core's) is an error.
+    """
+
+
+@hookspec
+def surgery_checkpoint_layout(path: Any, state_dict: Any) -> Any | None:
+    """Recognise a checkpoint of a layout this plugin knows; return a `surgery.layouts.Layout` or None.
+
+    Asked for every checkpoint without token-surgery metadata that `surgery.load`, `surgery
+    inspect` or `surgery resize` reads. `path` is a `pathlib.Path` to a file, whose tensors the
+    core has read safely (`state_dict`, keys as in the file, never to be changed in place), or to
+    a folder (`state_dict` None: read what the layout needs with `surgery.checkpoint.read_checkpoint`).
+    Recognise by what is there (key names, shapes, file names), cheaply; return None for anything
+    else. A file of this layout that is broken (a missing key) raises a `CheckpointError` naming
+    what is missing. Never import, open or download anything a file names.
     """
 
 

@@ -341,3 +341,99 @@ def test_hook_surgery_register_commands():
     assert registry.add_module(Commands(), "probe_module")
     command = registry.commands["probe"]
     assert command.plugin == "probe_module" and command.run(None) == 7
+
+
+class ReleasedViTLayout:
+    """A toy "official release" of a timm ViT: its tensors under `release.*` names; a folder holding
+    `registers.pth` has only the register tokens (a partial checkpoint)."""
+
+    @surgery.hookimpl
+    def surgery_checkpoint_layout(self, path, state_dict):
+        from surgery.layouts import Layout
+
+        if path.is_dir():
+            if not (path / "registers.pth").exists():
+                return None
+            return Layout("registers folder", {"reg_token": torch.load(path / "registers.pth", weights_only=True)},
+                          partial=True)
+        if not any(k.startswith("release.") for k in state_dict):
+            return None
+        renamed = {k.removeprefix("release."): v for k, v in state_dict.items()}
+        return Layout("vit release", renamed, model="vit_tiny_test",
+                      model_kwargs={"reg_tokens": renamed["reg_token"].shape[1]})
+
+
+@pytest.fixture
+def vit_host(fresh_host):
+    import surgery_plugins.timm_vit
+
+    fresh_host.add_plugin(surgery_plugins.timm_vit, "timm_vit")
+    return fresh_host
+
+
+def test_hook_surgery_checkpoint_layout(vit_host, tmp_path):
+    from surgery.layouts import read_any
+
+    vit_host.add_plugin(ReleasedViTLayout(), "vit_release")
+    torch.manual_seed(0)
+    source = surgery.build("vit_tiny_test", reg_tokens=3).eval()
+    torch.save({f"release.{k}": v for k, v in source.state_dict().items()}, tmp_path / "release.pth")
+    _, _, layout = read_any(tmp_path / "release.pth")
+    assert (layout.name, layout.plugin, layout.model, dict(layout.model_kwargs)) == \
+        ("vit release", "vit_release", "vit_tiny_test", {"reg_tokens": 3})
+    target = surgery.build("vit_tiny_test", reg_tokens=1).eval()
+    result = surgery.load(tmp_path / "release.pth", target)  # resized to the file's 3 registers, then loaded
+    assert result.counts["reg_tokens"] == 3
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(target(images), source(images))
+    # a partial folder: only the register tokens are the file's; every other tensor stays as built
+    # (those that grew with the count, such as a pos_embed with register rows, keep their old rows)
+    folder = tmp_path / "registers_only"
+    folder.mkdir()
+    torch.save(source.reg_token.data[:, :2].clone(), folder / "registers.pth")
+    fresh = surgery.build("vit_tiny_test", reg_tokens=1)
+    others = {k: v.clone() for k, v in fresh.state_dict().items() if k != "reg_token"}
+    surgery.load(folder, fresh)
+    assert torch.equal(fresh.reg_token, source.reg_token[:, :2])
+    now = fresh.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in others.items() if now[k].shape == v.shape)
+
+
+def test_layout_hook_failures_are_attributed_and_change_nothing(vit_host, tmp_path):
+    from surgery.errors import CheckpointError
+    from surgery.layouts import Layout
+
+    class Raises:
+        @surgery.hookimpl
+        def surgery_checkpoint_layout(self, path, state_dict):
+            raise RuntimeError("layout reader bug")
+
+    class Garbage:
+        @surgery.hookimpl
+        def surgery_checkpoint_layout(self, path, state_dict):
+            return {"not": "a layout"}
+
+    class AlsoClaims:
+        @surgery.hookimpl
+        def surgery_checkpoint_layout(self, path, state_dict):
+            return Layout("mine too", dict(state_dict or {}))
+
+    model = surgery.build("vit_tiny_test", reg_tokens=1)
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CheckpointError, match="no plugin recognises its layout"):
+        surgery.load(tmp_path / "folder", model)
+    for plugin, error, message in [(Raises(), PluginError, "'raises': surgery_checkpoint_layout raised RuntimeError"),
+                                   (Garbage(), PluginError, "'garbage': surgery_checkpoint_layout returned dict"),
+                                   (AlsoClaims(), PluginConflictError, "several layouts")]:
+        name = type(plugin).__name__.lower()
+        vit_host.add_plugin(plugin, name)
+        if isinstance(plugin, AlsoClaims):
+            vit_host.add_plugin(ReleasedViTLayout(), "vit_release")
+            torch.save({f"release.{k}": v for k, v in model.state_dict().items()}, tmp_path / "plain.pth")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=message):
+            surgery.load(tmp_path / "plain.pth", model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        vit_host.pm.unregister(name=name)

@@ -30,7 +30,7 @@ from torch import nn
 from timm.layers import LayerNormFp32
 from timm.models.vision_transformer import VisionTransformer
 
-from surgery.errors import CheckpointError
+from surgery.errors import CheckpointError, ModelConfigError
 # CLIP's preprocessing lives in the core (ImageBind's vision encoder uses it too); re-exported here
 from surgery.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_transform, load_images
 
@@ -179,9 +179,9 @@ class ClipVisionConfig:
         if self.heads is None:
             self.heads = max(1, self.width // 64)
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ModelConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ModelConfigError(f"width {self.width} is not divisible by heads {self.heads}")
 
     @property
     def grid_size(self) -> int:

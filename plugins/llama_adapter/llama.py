@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery import ops
+from surgery.errors import ModelConfigError, ModelInputError
 
 from .tokenizer import sample_top_p
 
@@ -174,8 +175,8 @@ class KVCache:
         B, _, T, _ = k.shape
         end = start_pos + T
         if end > self.max_len or B > self.k.shape[0]:
-            raise ValueError(f"KV cache of {tuple(self.k.shape[:1] + self.k.shape[2:3])} (batch, length) "
-                             f"cannot hold batch {B} up to position {end}")
+            raise ModelInputError(f"KV cache of {tuple(self.k.shape[:1] + self.k.shape[2:3])} (batch, length) "
+                                  f"cannot hold batch {B} up to position {end}")
         self.k[:B, :, start_pos:end] = k
         self.v[:B, :, start_pos:end] = v
         return self.k[:B, :, :end], self.v[:B, :, :end]  # (B, H, S, hd) each
@@ -340,7 +341,7 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size <= 0:
-            raise ValueError("ModelArgs.vocab_size must be set (upstream takes it from the tokenizer)")
+            raise ModelConfigError("ModelArgs.vocab_size must be set (upstream takes it from the tokenizer)")
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -415,12 +416,12 @@ def decode(step: Callable[[Tensor, int], Tensor], prompts: Sequence[Sequence[int
     """
     B = len(prompts)
     if B == 0:
-        raise ValueError("no prompts: generation needs at least one")
+        raise ModelInputError("no prompts: generation needs at least one")
     if min(len(p) for p in prompts) == 0:
-        raise ValueError("empty prompt: a prompt needs at least one token (BOS)")
+        raise ModelInputError("empty prompt: a prompt needs at least one token (BOS)")
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
     if int(lengths.max()) > max_seq_len:
-        raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds max_seq_len={max_seq_len}")
+        raise ModelInputError(f"a prompt of {int(lengths.max())} tokens exceeds max_seq_len={max_seq_len}")
     total_len = min(max_seq_len, max_gen_len + int(lengths.max()))
     tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, S); pad is never embedded
     for k, p in enumerate(prompts):

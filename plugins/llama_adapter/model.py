@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import Block
 
 from surgery import ops
+from surgery.errors import ModelConfigError, ModelInputError
 from .clip import ClipVision, ClipVisionConfig
 from .llama import AdapterKV, KVCache, ModelArgs, Transformer, decode
 
@@ -77,7 +78,7 @@ class AdapterConfig:
     def named(cls, size: str = "7b", **overrides: Any) -> "AdapterConfig":
         """A config from the table below, with any field overridden."""
         if size not in NAMED_CONFIGS:
-            raise ValueError(f"unknown config {size!r}; known: {sorted(NAMED_CONFIGS)}")
+            raise ModelConfigError(f"unknown config {size!r}; known: {sorted(NAMED_CONFIGS)}")
         base = dict(NAMED_CONFIGS[size])
         base["clip"] = ClipVisionConfig(**base["clip"])
         return cls(**{**base, **overrides})
@@ -207,7 +208,7 @@ class LLaMAAdapter(nn.Module):
         if config.init == "random":
             randomize_zero_inits(self)
         elif config.init != "upstream":
-            raise ValueError(f"AdapterConfig.init must be 'upstream' or 'random', got {config.init!r}")
+            raise ModelConfigError(f"AdapterConfig.init must be 'upstream' or 'random', got {config.init!r}")
 
     # -- counts ----------------------------------------------------------------------------------
 
@@ -215,7 +216,7 @@ class LLaMAAdapter(nn.Module):
         """Layers before the adapted ones: the last query_layer layers get adapters."""
         L, n = self.query_layer, len(self.llama.layers)
         if not 0 <= L <= n:
-            raise ValueError(f"query_layer={L} but the model has {n} layers")
+            raise ModelConfigError(f"query_layer={L} but the model has {n} layers")
         return n - L
 
     def drop_caches(self) -> None:
@@ -228,7 +229,7 @@ class LLaMAAdapter(nn.Module):
         """images (B, 3, S, S) -> visual queries (B, query_len, dim), in the visual modules' dtype."""
         Q = self.query_len
         if self.visual_query.weight.shape[0] != Q:
-            raise ValueError(f"visual_query has {self.visual_query.weight.shape[0]} rows but query_len={Q}")
+            raise ModelConfigError(f"visual_query has {self.visual_query.weight.shape[0]} rows but query_len={Q}")
         feats = self.clip(imgs.to(self.clip_proj.weight.device))  # (B, 1+N, C_clip)
         # upstream: .float() under autocast; here: the dtype the projection runs in
         feats = feats.to(self.clip_proj.weight.dtype)
@@ -244,7 +245,7 @@ class LLaMAAdapter(nn.Module):
         L, Q = self.query_layer, self.query_len
         w = self.adapter_query.weight  # (L*Q, D)
         if w.shape[0] != L * Q:
-            raise ValueError(f"adapter_query has {w.shape[0]} rows, not query_layer*query_len = {L}*{Q}")
+            raise ModelConfigError(f"adapter_query has {w.shape[0]} rows, not query_layer*query_len = {L}*{Q}")
         return w.view(L, Q, w.shape[1])  # (L, Q, D)
 
     def dynamic_adapters(self, visual_query: Tensor) -> Tensor:
@@ -345,7 +346,7 @@ class LLaMAAdapter(nn.Module):
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: LLaMAAdapter(config, tokenizer)")
+                raise ModelInputError("string prompts need a tokenizer: LLaMAAdapter(config, tokenizer)")
             return self.tokenizer.encode(prompt, bos=True, eos=False)
         ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
         return [int(t) for t in ids]
@@ -358,7 +359,7 @@ class LLaMAAdapter(nn.Module):
         """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`."""
         prompts = [self._encode(p) for p in prompts]
         if len(prompts) == 0 or len(imgs) != len(prompts):
-            raise ValueError(f"{len(imgs)} images for {len(prompts)} prompts: one image per prompt")
+            raise ModelInputError(f"{len(imgs)} images for {len(prompts)} prompts: one image per prompt")
         if eos_id is None and self.tokenizer is not None:
             eos_id = self.tokenizer.eos_id
         visual_query = self.forward_visual(imgs)  # (B, Q, D)
@@ -386,7 +387,7 @@ class LLaMAAdapter(nn.Module):
         upstream's per-step recomputation of the adapters (the baseline; same tokens).
         """
         if self.tokenizer is None:
-            raise ValueError("generate decodes with a tokenizer: LLaMAAdapter(config, tokenizer), "
-                             "or use generate_tokens")
+            raise ModelConfigError("generate decodes with a tokenizer: LLaMAAdapter(config, tokenizer), "
+                                   "or use generate_tokens")
         ids = self.generate_tokens(imgs, prompts, max_gen_len, temperature, top_p, cache_adapter, generator)
         return [self.tokenizer.decode(t) for t in ids]

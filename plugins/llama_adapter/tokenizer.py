@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from surgery.errors import CheckpointError
+from surgery.errors import CheckpointError, ModelConfigError
 
 
 class Tokenizer:
@@ -61,7 +61,7 @@ class Tokenizer:
 
     def _control(self, name: str, value: int) -> int:
         if value < 0:
-            raise ValueError(f"{self.model_path} has no {name} piece ({name}_id is {value})")
+            raise ModelConfigError(f"{self.model_path} has no {name} piece ({name}_id is {value})")
         return value
 
     def __repr__(self) -> str:

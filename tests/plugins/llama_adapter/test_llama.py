@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from surgery.errors import ModelInputError
 from surgery_plugins.llama_adapter.llama import (
     Attention, KVCache, ModelArgs, RMSNorm, RotaryCache, Transformer, apply_rotary_emb, causal_mask,
     ffn_hidden_dim,
@@ -336,7 +337,7 @@ def test_kv_cache_is_preallocated_and_never_made_by_eval():
     k, v = torch.randn(2, 4, 4, 16, dtype=torch.bfloat16), torch.randn(2, 4, 4, 16, dtype=torch.bfloat16)
     keys, values = cache.update(2, k, v)  # a batch smaller than the allocation uses its first rows
     assert keys.shape == (2, 4, 6, 16) and torch.equal(keys[:, :, 2:], k) and torch.equal(values[:, :, 2:], v)
-    with pytest.raises(ValueError, match="cannot hold"):
+    with pytest.raises(ModelInputError, match="cannot hold"):
         cache.update(8, k, v)
 
 

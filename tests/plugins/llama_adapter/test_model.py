@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery import ops
+from surgery.errors import ModelConfigError, ModelInputError
+from surgery_plugins.llama_adapter.clip import ClipVisionConfig
 from surgery_plugins.llama_adapter.model import AdapterConfig, LLaMAAdapter
 from official_files import KEYS
 from test_llama import RefLLaMA, randomize, ref_mask
@@ -381,7 +383,7 @@ def test_stale_caches_are_never_used():
     model.forward_inference(vq, tok, 0, cache_adapter=True)
     assert copy.deepcopy(model)._caches.kv is None  # copies start empty
     model.query_len = 4  # out of step with the tensors: a clear error, not a silent misuse
-    with pytest.raises(ValueError, match="query_len"):
+    with pytest.raises(ModelConfigError, match="query_len"):
         model.forward_inference(vq, tok, 0)
 
 
@@ -459,12 +461,38 @@ def test_named_configs():
     big = AdapterConfig.named("7b")
     assert (big.dim, big.n_layers, big.query_len, big.query_layer, big.clip.width) == (4096, 32, 10, 31, 1024)
     assert big.llama_args().norm_eps == 1e-6 and big.llama_args().max_seq_len == 512
-    with pytest.raises(ValueError, match="unknown config"):
+    with pytest.raises(ModelConfigError, match="unknown config"):
         AdapterConfig.named("13b")
     model = LLaMAAdapter(AdapterConfig.named("tiny", init="upstream"))
     assert not model.llama.layers[0].attention.gate.any()  # upstream's init: adapters start as no-ops
     assert model.config is not tiny_cfg
     assert math.isclose(AdapterConfig().v_mlp_ratio, 4.0)
+
+
+@pytest.mark.parametrize("imgs, prompts, match", [
+    (2, [[1, 5]], "2 images for 1 prompts: one image per prompt"),
+    (0, [], "0 images for 0 prompts"),
+    (1, [[]], "empty prompt: a prompt needs at least one token"),
+    (1, [[1] * 65], "a prompt of 65 tokens exceeds max_seq_len=64"),
+    (1, ["a string"], "string prompts need a tokenizer"),
+], ids=["images-vs-prompts", "no-prompts", "empty-prompt", "too-long", "string-without-tokenizer"])
+def test_bad_generation_inputs_are_model_input_errors(imgs, prompts, match):
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ModelInputError, match=match):
+        model.generate_tokens(images(imgs) if imgs else torch.zeros(0, 3, 28, 28), prompts, max_gen_len=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_configurations_that_cannot_work_are_model_config_errors():
+    with pytest.raises(ModelConfigError, match="AdapterConfig.init must be 'upstream' or 'random', got 'zeros'"):
+        LLaMAAdapter(AdapterConfig.named("tiny", init="zeros"))
+    with pytest.raises(ModelConfigError, match="image_size 30 is not a multiple of patch_size 14"):
+        ClipVisionConfig(image_size=30, patch_size=14)
+    with pytest.raises(ModelConfigError, match="vocab_size must be set"):
+        LLaMAAdapter(AdapterConfig.named("tiny", vocab_size=-1))
+    with pytest.raises(ModelConfigError, match="generate decodes with a tokenizer"):
+        tiny().generate(images(1), [[1, 5]], max_gen_len=2)
 
 
 # -- CUDA (skipped without a GPU) -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from surgery.errors import CheckpointError
+from surgery.errors import CheckpointError, ModelConfigError
 from surgery_plugins.llama_adapter.tokenizer import Tokenizer, format_prompt, sample_top_p
 
 # -- tokenizer ------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_model_without_bos_piece_refuses_bos(tmp_path):
     tok = Tokenizer(tmp_path / "t.model")
     assert tok.bos_id == -1
     assert tok.encode("the cat", bos=False, eos=True)[-1] == 1
-    with pytest.raises(ValueError, match="no bos piece"):
+    with pytest.raises(ModelConfigError, match="no bos piece"):
         tok.encode("the cat", bos=True, eos=False)
 
 

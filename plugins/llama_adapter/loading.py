@@ -130,7 +130,7 @@ def read_params(llama_dir: Path, llama_type: str) -> dict[str, Any]:
     if not path.is_file():
         types = sorted(p.parent.name for p in llama_dir.glob("*/params.json")) if llama_dir.is_dir() else []
         hint = (f"; llama_dir holds {', '.join(types)} (pass llama_type=...)" if types
-                else f"; expected the layout <llama_dir>/<llama_type>/params.json with llama_type like '7B'")
+                else "; expected the layout <llama_dir>/<llama_type>/params.json with llama_type like '7B'")
         raise CheckpointError(f"LLaMA params file {path} does not exist" + hint)
     try:
         params = json.loads(path.read_text(encoding="utf-8"))
@@ -530,7 +530,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # keys and shapes were checked; this would be a bug
         raise CheckpointError(f"loading the official files failed: {exc}") from exc
-    del state
+    state.clear()  # the model holds the tensors now
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     left += [f"{name}.{attr}" if name else attr for name, module in model.named_modules()  # plain attributes
              for attr, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]

@@ -24,6 +24,8 @@ A plugin adds commands (`surgery generate`) or benchmark kinds (`surgery bench e
     def surgery_register_commands(register):
         register("mycmd", run, help="one line for `surgery --help`", add_arguments=add_arguments)
         register("mykind", run_bench, group="bench", help="...")     # `surgery bench mykind`
+        # a group of one's own: register("mygroup", None, help="...") (a kind must be typed), or
+        # register("mygroup", run, kinds=True, ...) (typed alone, it runs `run`)
 
 Why a module of its own rather than the backbone plugin: the command line must list every
 command without importing torch or a model library (`surgery --help` answers at once).
@@ -60,8 +62,10 @@ class UsageError(Exception):
 class Command:
     """One command (or, with `group`, one kind under a group command such as `bench`).
 
-    A command whose `run` is None is a group: its kinds are the commands registered with
-    `group=` its name, each a sub-command with its own options.
+    A group command (`kinds=True`, or `run` None) has kinds: the commands registered with
+    `group=` its name, each a sub-command with its own options. Typed without a kind, a group
+    runs its own `run` with its own options (`surgery demo`), or asks for a kind when it has none
+    (`surgery bench`).
     """
 
     name: str
@@ -71,6 +75,11 @@ class Command:
     description: str = ""
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     group: str | None = None
+    kinds: bool = False
+
+    @property
+    def is_group(self) -> bool:
+        return self.kinds or self.run is None
 
     @property
     def path(self) -> str:
@@ -157,22 +166,24 @@ class CommandRegistry:
     def _registrar(self, plugin: str, staged: dict[str, Command]) -> Callable[..., None]:
         def register(name: str, run: Callable[[argparse.Namespace], int] | None, *, help: str,
                      description: str = "", add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-                     group: str | None = None) -> None:
+                     group: str | None = None, kinds: bool = False) -> None:
             if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or name[0] == "-":
                 raise PluginError(f"command name {name!r}: use letters, digits, '-' and '_'")
             if run is not None and not callable(run) or add_arguments is not None and not callable(add_arguments):
                 raise PluginError(f"command {name!r}: run and add_arguments must be callable")
             if not isinstance(help, str) or not help:
                 raise PluginError(f"command {name!r}: give a one-line help text")
-            command = Command(name, run, help, plugin, description, add_arguments, group)
+            command = Command(name, run, help, plugin, description, add_arguments, group, bool(kinds))
             if group is not None:
                 parent = self.commands.get(group) or staged.get(group)
-                if parent is None or parent.run is not None:
-                    groups = ", ".join(sorted(c.name for c in {**self.commands, **staged}.values() if c.run is None))
+                if parent is None or not parent.is_group or parent.group is not None:
+                    groups = ", ".join(sorted(c.name for c in {**self.commands, **staged}.values() if c.is_group))
                     raise PluginError(f"command {name!r} names group {group!r}, which is not a group command; "
                                       f"groups: {groups or 'none'}")
+                if kinds:
+                    raise PluginError(f"command {name!r}: a kind of group {group!r} cannot have kinds of its own")
             elif run is None and add_arguments is not None:
-                raise PluginError(f"group command {name!r} takes no options of its own (its kinds do)")
+                raise PluginError(f"group command {name!r} without a run of its own takes no options (its kinds do)")
             if add_arguments is not None:  # options that argparse refuses fail the registration, not every call
                 add_arguments(argparse.ArgumentParser(prog=f"surgery {command.path}", add_help=False))
             owner = self.commands.get(command.path) or staged.get(command.path)
@@ -196,13 +207,11 @@ def add_to_parser(registry: CommandRegistry, subparsers: Any, parser_class: type
     for command in registry.top_level():
         p = subparsers.add_parser(command.name, help=command.help, description=command.description or command.help,
                                   allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-        if command.run is None:
+        _configure(p, command)  # a group's own options (if it runs without a kind) come before its KIND
+        if command.is_group:
             kinds = p.add_subparsers(dest=f"{command.name}_kind", metavar="KIND", parser_class=parser_class)
             for kind in registry.kinds(command.name):
                 _add_one(kinds, kind)
-            p.set_defaults(command_object=command)
-        else:
-            _configure(p, command)
 
 
 def _add_one(subparsers: Any, command: Command) -> None:

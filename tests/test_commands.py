@@ -171,3 +171,18 @@ def test_surgery_plugins_selects_command_modules_by_name(module_dir, monkeypatch
     registry = CommandRegistry()
     registry.load_entry_points(eps)
     assert set(registry.records) == {"failing"} and set(registry.commands) == {"fails"}
+
+
+def test_a_group_with_a_run_of_its_own_runs_it_when_no_kind_is_typed(module_dir, with_modules, capsys):
+    with_modules(story=textwrap.dedent("""
+        import surgery
+
+        @surgery.hookimpl
+        def surgery_register_commands(register):
+            register("tour", lambda args: print("whole tour, fast" if args.fast else "whole tour") or 0,
+                     kinds=True, help="a tour", add_arguments=lambda p: p.add_argument("--fast", action="store_true"))
+            register("part", lambda args: print("one part") or 0, group="tour", help="one part of it")
+    """))
+    assert run_cli(capsys, "tour")[:2] == (0, "whole tour\n")
+    assert run_cli(capsys, "tour", "--fast")[:2] == (0, "whole tour, fast\n")
+    assert run_cli(capsys, "tour", "part")[:2] == (0, "one part\n")

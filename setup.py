@@ -290,6 +290,10 @@ setup(
             "imagebind = surgery_plugins.imagebind.plugin",
             "imagebind_llm = surgery_plugins.imagebind_llm.plugin",
         ],
+        # command modules: the same name as the plugin's backbones entry (docs/plugins.md, "Adding commands")
+        "surgery.commands": [
+            "llama_adapter_v2 = surgery_plugins.llama_adapter.commands",
+        ],
         "pytest11": ["surgery = surgery.testing"],
     },
 )

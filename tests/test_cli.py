@@ -1,4 +1,4 @@
-"""Tests of the `surgery` command line (surgery/cli.py).
+"""Tests of the `surgery` command line (surgery/cli/).
 
 Most tests call `main([...])` in-process and read stdout/stderr with capsys; one test runs the
 installed console script in a subprocess, as a user would. Expected values come from outside
@@ -382,6 +382,19 @@ def test_console_script(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "surgery", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and surgery.__version__ in done.stdout
+
+
+def test_help_imports_no_heavy_library():
+    """`surgery --help` (every command module loaded, plugins' too) and `import surgery` import
+    neither torch nor timm nor matplotlib nor tqdm: the command line answers at once."""
+    code = ("import sys, surgery\n"
+            "from surgery.cli import main\n"
+            "assert main(['--help']) == 0 and main(['bench', '--help']) == 0\n"
+            "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'tqdm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "e2e" in done.stdout and "profile" in done.stdout  # the plugin's commands were loaded
 
 
 # -- bench and profile ---------------------------------------------------------------------------

@@ -73,8 +73,7 @@ def module_dir(tmp_path, monkeypatch):
 def with_modules(module_dir, monkeypatch):
     """Make the CLI see exactly these command modules (besides the core's commands)."""
     def use(**sources: str) -> CommandRegistry:
-        registry = CommandRegistry()
-        registry.load_entry_points([module_dir(name, source) for name, source in sources.items()])
+        registry = cli.command_registry([module_dir(name, source) for name, source in sources.items()])
         monkeypatch.setattr(cli, "command_registry", lambda: registry)
         return registry
     return use

@@ -1,4 +1,4 @@
-"""The `surgery sweep` command (registered by `surgery/cli.py`, which owns the other commands).
+"""The `surgery sweep` command (registered by the core's command module, `surgery/cli/builtin.py`).
 
     surgery sweep --quick                                   # the embedded default, end to end
     surgery sweep vit_tiny_test --sites reg_tokens=0..8 --inits normal,zeros --metrics drift
@@ -13,8 +13,9 @@ results and summary.md; the other cells ran).
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from typing import Any
 
+HELP = "measure metrics across token counts (grid, training, plots; local or Ray)"
 DESCRIPTION = """\
 Measure what token counts do: a grid of model x site counts x init strategies x seeds (x head
 mode), each cell applied to the same loaded model, its new tokens optionally trained
@@ -49,10 +50,8 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_command(command: Callable[..., argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """Add `surgery sweep` through `surgery.cli`'s `command(name, func, help, description)`."""
-    p = command("sweep", cmd_sweep, "measure metrics across token counts (grid, training, plots; local or Ray)",
-                DESCRIPTION)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `surgery sweep`."""
     p.add_argument("models", nargs="*", metavar="MODEL", help="registered model names or checkpoint files")
     p.add_argument("--quick", action="store_true", help="the embedded default (tiny ViT on digits); the options "
                                                         "below override its choices")
@@ -93,7 +92,6 @@ def add_command(command: Callable[..., argparse.ArgumentParser]) -> argparse.Arg
     run.add_argument("--out", metavar="DIR", help="results folder (default out/sweep, or out/sweep/quick)")
     run.add_argument("--force", action="store_true", help="rerun cells the results folder already has")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,4 +144,4 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_command", "cmd_sweep"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "cmd_sweep"]

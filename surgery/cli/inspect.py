@@ -1,0 +1,107 @@
+"""`surgery inspect TARGET`: a model's or a checkpoint's backbone, counts, sites and their tensors.
+
+Also `open_checkpoint`, which `resize` shares: build the model a checkpoint belongs to (named by
+its untrusted metadata, or by --model) and load the file into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from surgery.commands import UsageError
+
+from .arguments import add_allow_large_flag, add_json_flag
+from .format import counts_text, format_sites, print_lines, recipe_lines, site_dicts
+
+DESCRIPTION = (
+    "Show the backbone, token sites, counts, constraints and the tensors each site owns.\n"
+    "TARGET is a registered model name (see 'surgery models') or a checkpoint file\n"
+    "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).")
+
+
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="NAME", help="model to build for a checkpoint without surgery metadata")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="TARGET", help="checkpoint file or registered model name")
+    add_model_option(p)
+    add_allow_large_flag(p)
+    add_json_flag(p)
+
+
+def open_checkpoint(path: str, model_name: str | None, allow_large: bool = False) -> tuple[Any, dict[str, Any], str, str]:
+    """Build the model a checkpoint belongs to and load the file into it.
+
+    The model is named by the file's "surgery" metadata, or by `--model` (which wins, for a file
+    saved without it, such as a plain timm `.pth`). The metadata is untrusted: it may name only a
+    registered model and the keyword arguments its plugin declares safe, and a model larger than
+    the file justifies needs `--allow-large` (`surgery.model_source`). `surgery.load` resizes the
+    fresh model to the file's counts before loading, so any count the file has is fine.
+    Returns (model, the file's metadata: {"surgery": {...}, other string entries} or {},
+    the model's name, where that name came from).
+    """
+    import surgery
+    from surgery.checkpoint import read_checkpoint
+    from surgery.model_source import model_for_checkpoint
+
+    state_dict, metadata = read_checkpoint(path)  # refuses a missing, unsafe or corrupt file
+    model, name, source = model_for_checkpoint(metadata.get("surgery") or {}, state_dict, model_name=model_name,
+                                               allow_large=allow_large, where=f"checkpoint {path!r}")
+    del state_dict  # only its sizes were needed; `load` reads the file again
+    surgery.load(path, model)
+    return model, metadata, name, source
+
+
+def looks_like_path(target: str) -> bool:
+    return os.sep in target or "/" in target or os.path.splitext(target)[1] in (
+        ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
+    import surgery
+    from surgery.errors import BackboneError, CheckpointError
+    from surgery.model_source import build_model
+    from surgery.options import model_options, option_lines
+
+    target = args.target
+    info: dict[str, Any] = {"target": target}
+    if os.path.isfile(target):
+        model, metadata, name, origin = open_checkpoint(target, args.model, args.allow_large)
+        source = f"{name} (named by {origin})"
+        info.update(kind="checkpoint", model=name, metadata=metadata)
+    elif os.path.exists(target):
+        raise CheckpointError(f"{target!r} is not a file")
+    elif target in surgery.get_host().models:
+        if args.model:
+            raise UsageError("--model is for checkpoint files; TARGET already names a model")
+        model, source = build_model(target, {}), f"{target} (registered model, random weights)"
+        info.update(kind="model", model=target)
+    elif looks_like_path(target):
+        raise CheckpointError(f"checkpoint file {target!r} does not exist")
+    else:
+        known = ", ".join(sorted(surgery.get_host().models)) or "none"
+        raise BackboneError(f"{target!r} is neither a file nor a registered model; known models: {known}")
+    sites = site_dicts(model)
+    info.update(backbone=surgery.backbone_of(model), counts={s["name"]: s["count"] for s in sites},
+                sites=sites, recipe=list(surgery.recipe(model).steps), options=model_options(model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['kind']}: {target}")
+    print(f"model:    {source}")
+    print(f"backbone: {info['backbone']}")
+    print(f"counts:   {counts_text(info['counts'])}")
+    if info["options"]:  # plugin-owned state outside the weights (surgery.options)
+        print("options:")
+        print_lines([f"  {line}" for line in option_lines(info["options"])])
+    print("sites:")
+    print_lines(format_sites(sites))
+    if info["recipe"]:
+        print("recipe (how these counts were reached):")
+        print_lines(recipe_lines(info["recipe"]))
+    return 0

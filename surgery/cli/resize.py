@@ -1,0 +1,104 @@
+"""`surgery resize CKPT --set SITE=N -o OUT`: resize a checkpoint file into a new file.
+
+Every check that needs no model runs first (a mistyped command fails at once); CKPT is never
+written, and `surgery.save` writes OUT atomically, so a failure leaves no file half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from surgery.commands import UsageError
+
+from .arguments import add_allow_large_flag, add_set_option, requested_counts
+from .format import counts_text, format_shape_changes, print_lines, state_shapes
+from .inspect import add_model_option, open_checkpoint
+
+# Kept in words here so that `--help` needs no torch; `check_strategies` validates against
+# `surgery.strategies` itself, so a name listed here that no longer exists is still refused.
+GROWTH_HELP = "restore (default: tokens a shrink dropped come back first), zeros, mean, normal, copy, interpolate"
+SHRINK_HELP = "truncate (default), pool"
+
+DESCRIPTION = (
+    "Build the checkpoint's model, load CKPT (resized to its counts), set new counts and\n"
+    "save the result to OUT with surgery.save. CKPT is never written.\n\n"
+    "example: surgery resize vit.safetensors --set reg_tokens=4 --init normal -o vit_reg4.safetensors")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="input checkpoint (.safetensors or .pth)")
+    add_set_option(p, required=True)
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT)")
+    p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
+    p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
+    add_model_option(p)
+    add_allow_large_flag(p)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (a regular file only)")
+
+
+def check_strategies(init: str, shrink: str) -> None:
+    """Unknown strategy names are a usage error, found before any file is read."""
+    from surgery import strategies
+    from surgery.errors import StrategyError
+
+    try:
+        strategies.check_growth(init)
+        strategies.check_shrink(shrink)
+    except StrategyError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def existing_file(path: str) -> str:
+    from surgery.errors import CheckpointError
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is not a file")
+    return path
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: same real path (symlinks), or same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """Load CKPT, resize, write OUT (an existing OUT, with --force, untouched on failure)."""
+    import surgery
+    from surgery.checkpoint import check_output_path
+
+    requested = requested_counts(args.set)
+    check_strategies(args.init, args.shrink)
+    src, out = args.ckpt, args.out
+    existing_file(src)
+    if same_file(src, out):
+        raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
+    if os.path.isdir(out):
+        raise UsageError(f"-o {out!r} is a directory; give a file name")
+    if os.path.lexists(out) and not args.force:
+        raise UsageError(f"{out!r} already exists; pass --force to replace it")
+    check_output_path(out)  # even with --force, only a regular file is replaced (no symlink, FIFO, device)
+
+    model, metadata, name, origin = open_checkpoint(src, args.model, args.allow_large)
+    print(f"loaded {src}: {name} (named by {origin}), {counts_text(surgery.counts(model))}")
+    before = state_shapes(model)
+    changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
+    for site, (old, new) in changes.items():
+        how = f"init {args.init}" if new > old else f"shrink {args.shrink}"
+        print(f"resized {site}: {old} -> {new}  ({how}, seed {args.seed})")
+    if not changes:
+        print("no count changed (the checkpoint already has these counts)")
+    print_lines(format_shape_changes(before, state_shapes(model)))
+    # The file's own metadata entries travel along; "surgery" is rewritten by save (new counts, recipe).
+    kept = {k: v for k, v in metadata.items() if k != "surgery" and isinstance(v, str)}
+    surgery.save(model, out, metadata=kept)  # atomic: a temporary file renamed over OUT
+    print(f"wrote {out}: {counts_text(surgery.counts(model))}")
+    return 0

@@ -263,6 +263,8 @@ setup(
     packages=find_packages(include=["surgery", "surgery.*"])
     + ["surgery_plugins"] + [f"surgery_plugins.{p}" for p in find_packages("plugins")],
     package_dir={"surgery_plugins": "plugins"},
+    # the LLaMA tokenizer the tiny and bench models decode with, and the corpus it is trained on
+    package_data={"surgery_plugins.llama_adapter": ["data/tokenizer.model", "data/corpus.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

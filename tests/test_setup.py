@@ -104,3 +104,13 @@ def test_every_package_folder_is_installed_and_every_entry_point_resolves(setup_
             loaded = importlib.import_module(module)
             if attr:
                 assert callable(getattr(loaded, attr)), (group, name)
+
+
+def test_the_shipped_tokenizer_is_installed_as_package_data(setup_run):
+    """The tiny and bench models decode with data/tokenizer.model: a wheel without it could not build them."""
+    from surgery_plugins.llama_adapter.tokenizer import SHIPPED_TOKENIZER
+
+    _, kwargs = setup_run
+    folder = ROOT / "plugins" / "llama_adapter"
+    installed = {p for pattern in kwargs["package_data"]["surgery_plugins.llama_adapter"] for p in folder.glob(pattern)}
+    assert SHIPPED_TOKENIZER in installed and folder / "data" / "corpus.txt" in installed

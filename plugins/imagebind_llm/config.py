@@ -21,6 +21,7 @@ from typing import Any
 from surgery.errors import ModelConfigError
 from surgery_plugins.imagebind.config import ImageBindConfig
 from surgery_plugins.llama_adapter.llama import ModelArgs
+from surgery_plugins.llama_adapter.tokenizer import SHIPPED_VOCAB
 
 PHASES = ("finetune", "pretrain")
 INITS = ("upstream", "random")
@@ -101,11 +102,12 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # the released 7B.pth architecture: LLaMA-7B with biases and LoRA, RMSNorm bridge, adapters in all 32 layers
     "7b": dict(imagebind="huge_w3d"),  # imagebind_w3D.pth: ImageBind's six modalities and point clouds
     # every branch on and random, small enough for unit tests on a CPU (the tiny ImageBind with points: joint width 24)
-    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=200, multiple_of=32, max_seq_len=64, lora_rank=4,
+    # (tiny and bench: the vocabulary of the package's tokenizer, which their registered models decode with)
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=SHIPPED_VOCAB, multiple_of=32, max_seq_len=64, lora_rank=4,
                  query_layer=4, imagebind="tiny_w3d", init="random"),
     # 7B's shape ratios at a size a CPU decodes in seconds (benchmarks); adapters in every layer as 7B
-    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, query_layer=16, imagebind="small_w3d",
-                  init="random"),
+    "bench": dict(dim=1024, n_layers=16, n_heads=16, vocab_size=SHIPPED_VOCAB, max_seq_len=512, query_layer=16,
+                  imagebind="small_w3d", init="random"),
 }
 
 

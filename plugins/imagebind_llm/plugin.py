@@ -112,14 +112,18 @@ def logits(model: nn.Module, inputs: dict[str, list], tokens: torch.Tensor) -> t
 def _factory(size: str, default_device: str | None):
     def build(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
               **overrides: Any) -> nn.Module:
+        from surgery_plugins.llama_adapter.tokenizer import shipped_tokenizer
+
         from .config import ImageBindLLMConfig
         from .model import ImageBindLLM
 
         config = ImageBindLLMConfig.named(size, **overrides)
+        # tiny and bench decode with the package's tokenizer (their vocab_size is its size)
+        tokenizer = shipped_tokenizer() if size in ("tiny", "bench") else None
         # no device asked for: the size's own (meta for 7b), else the current default device, so
         # that `with torch.device("meta")` builds it without allocating
         with torch.device(device or default_device or torch.get_default_device()):
-            model = ImageBindLLM(config)
+            model = ImageBindLLM(config, tokenizer)
         return (model.to(dtype) if dtype is not None else model).eval()
     return build
 

@@ -38,6 +38,7 @@ from surgery import ops
 from surgery.errors import ModelConfigError, ModelInputError
 from .clip import ClipVision, ClipVisionConfig
 from .llama import AdapterKV, KVCache, ModelArgs, Transformer, decode
+from .tokenizer import SHIPPED_VOCAB
 
 Prompt = Union[str, Sequence[int], Tensor]
 
@@ -86,12 +87,13 @@ class AdapterConfig:
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # every branch on and random (gates, biases, LoRA), small enough for unit tests on a CPU
-    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=200, multiple_of=32, max_seq_len=64,
+    # (tiny and bench: the vocabulary of the package's tokenizer, which their registered models decode with)
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, vocab_size=SHIPPED_VOCAB, multiple_of=32, max_seq_len=64,
                  w_bias=True, w_lora=True, lora_rank=4, w_new_gate=True,
                  clip=dict(image_size=28, patch_size=14, width=128, layers=2, heads=2, output_dim=32),
                  v_embed_dim=32, v_depth=2, v_num_heads=2, query_len=3, query_layer=3, init="random"),
     # 7B's shape ratios at a size a CPU decodes in seconds (benchmarks)
-    "bench": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=512, w_bias=True,
+    "bench": dict(dim=1024, n_layers=16, n_heads=16, vocab_size=SHIPPED_VOCAB, max_seq_len=512, w_bias=True,
                   clip=dict(image_size=224, patch_size=32, width=512, layers=4, heads=8, output_dim=512),
                   v_embed_dim=512, v_depth=4, v_num_heads=8, query_len=10, query_layer=15, init="random"),
     # the released BIAS-7B architecture (LORA-BIAS-7B: w_lora=True, w_new_gate=True)

@@ -151,22 +151,25 @@ def _logits(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tor
         return model.forward_inference(visual, tokens, 0)
 
 
-def _factory(**defaults: Any):
+def _factory(*, shipped_tokenizer: bool = False, **defaults: Any):
     def build(**kwargs: Any) -> nn.Module:
         from .model import AdapterConfig, LLaMAAdapter
+        from .tokenizer import shipped_tokenizer as tokenizer
 
         # no device asked for: the size's own (meta for 7b), else the current default device, so that
         # `with torch.device("meta")` builds it without allocating (how its size is counted)
         device = kwargs.pop("device", defaults.get("device") or torch.get_default_device())
         options = {k: v for k, v in {**defaults, **kwargs}.items() if k != "device"}
         with torch.device(device):
-            return LLaMAAdapter(AdapterConfig.named(**options)).eval()
+            return LLaMAAdapter(AdapterConfig.named(**options), tokenizer() if shipped_tokenizer else None).eval()
     return build
 
 
-MODELS = {
-    "llama_adapter_v2_tiny": (dict(size="tiny"), "tiny random LLaMA-Adapter V2 for tests (dim 64, 4 layers)"),
-    "llama_adapter_v2_bench": (dict(size="bench"), "scaled-down config for CPU benchmarks (dim 1024, 16 layers)"),
+MODELS = {  # tiny and bench decode with the package's tokenizer (their vocab_size is its size)
+    "llama_adapter_v2_tiny": (dict(size="tiny", shipped_tokenizer=True),
+                              "tiny random LLaMA-Adapter V2 for tests (dim 64, 4 layers)"),
+    "llama_adapter_v2_bench": (dict(size="bench", shipped_tokenizer=True),
+                               "scaled-down config for CPU benchmarks (dim 1024, 16 layers)"),
     "llama_adapter_v2_7b": (dict(size="7b", device="meta"),
                             "the released 7B architecture, on the meta device (shapes only; load weights with "
                             "load_official)"),

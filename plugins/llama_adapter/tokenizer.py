@@ -5,10 +5,15 @@ multimodal), so generation code written against it reads the same: `n_words`, `b
 `eos_id`, `pad_id` as plain ints, `encode(s, bos, eos)` and `decode(ids)`. For LLaMA-1's
 `tokenizer.model` those are 32000, 1, 2 and -1 (no pad piece: upstream fills unused positions
 with -1 and never embeds them).
+
+`shipped_tokenizer()` is the small tokenizer shipped in the package (`data/tokenizer.model`, trained
+by `scripts/train_tokenizer.py` on `data/corpus.txt` with LLaMA's special ids: unk 0, bos 1, eos 2,
+no pad): the tiny and bench registered models of LLaMA-Adapter V2 and ImageBind-LLM decode with it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterable
@@ -16,6 +21,9 @@ from typing import Iterable
 import torch
 
 from surgery.errors import CheckpointError, ModelConfigError
+
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "data" / "tokenizer.model"
+SHIPPED_VOCAB = 1000  # its pieces: the vocab_size of the tiny and bench configs
 
 
 class Tokenizer:
@@ -69,6 +77,16 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_tokenizer() -> Tokenizer:
+    """The package's own tokenizer (read once; it holds no state that decoding changes)."""
+    tokenizer = Tokenizer(SHIPPED_TOKENIZER)
+    if tokenizer.n_words != SHIPPED_VOCAB:  # a retrained file with another size would misfit every config
+        raise ModelConfigError(f"{SHIPPED_TOKENIZER} has {tokenizer.n_words} pieces, the tiny and bench configs "
+                               f"expect {SHIPPED_VOCAB}: retrain it with scripts/train_tokenizer.py")
+    return tokenizer
+
+
 # The Alpaca template, character for character as upstream's `format_prompt`: the model was
 # fine-tuned on exactly this text, so any change (even whitespace) shifts its outputs.
 PROMPT_INPUT = (
@@ -106,4 +124,4 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, picked)                           # (B, 1), vocabulary id
 
 
-__all__ = ["Tokenizer", "PROMPT_INPUT", "PROMPT_NO_INPUT", "format_prompt", "sample_top_p"]
+__all__ = ["Tokenizer", "shipped_tokenizer", "SHIPPED_TOKENIZER", "SHIPPED_VOCAB", "PROMPT_INPUT", "PROMPT_NO_INPUT", "format_prompt", "sample_top_p"]

@@ -1,7 +1,6 @@
 """Every sweep metric against an independent computation written here; each metric's refusals."""
 
 import gzip
-import io
 import math
 
 import numpy as np
@@ -193,25 +192,12 @@ def test_imagebind_metrics_refuse_data_they_cannot_use():
 
 # -- LLaMA-Adapter V2: caption NLL -----------------------------------------------------------------
 
-WORDS = ("a the cat dog car sun sea park road mat red small two people walk run sits over on in and of photo "
-         "with big blue green tree house bird fish boat man woman child plays eats looks at under near").split()
-
-
 @pytest.fixture(scope="module")
-def spm_model(tmp_path_factory):
-    """A 200-piece sentencepiece model (the tiny LLaMA's vocabulary) with LLaMA's special ids."""
-    import random
+def spm_model():
+    """The tiny LLaMA's vocabulary as a file: the package's tokenizer (LLaMA's special ids)."""
+    from surgery_plugins.llama_adapter.tokenizer import SHIPPED_TOKENIZER
 
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)]
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buffer, vocab_size=200,
-                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(buffer.getvalue())
-    return str(path)
+    return str(SHIPPED_TOKENIZER)
 
 
 def test_caption_nll_against_step_by_step_decoding(spm_model):
@@ -222,6 +208,7 @@ def test_caption_nll_against_step_by_step_decoding(spm_model):
     from surgery_plugins.llama_adapter.tokenizer import Tokenizer
 
     model = surgery.build("llama_adapter_v2_tiny")
+    model.tokenizer = None  # the metric reads option tokenizer instead
     captions = ["a small cat", "two dogs run", "the sun over the sea", "a red car"]
     data = SweepData("caps", records(image=pictures(4, seed=5), text=captions), "fp")
     options = {"tokenizer": spm_model, "prompt": "a photo of", "template": False, "generations": 2, "max_gen_len": 4}
@@ -249,6 +236,7 @@ def test_caption_nll_against_step_by_step_decoding(spm_model):
 
 def test_caption_needs_pairs_and_a_tokenizer():
     model = surgery.build("llama_adapter_v2_tiny")
+    model.tokenizer = None  # a model without its own tokenizer (the 7B shape's, built from Meta's files)
     no_text = SweepData("pics", records(image=pictures(2), label=["a", "b"]), "fp")
     with pytest.raises(MetricDataError, match="records need an image and a text"):
         choose(["caption"], "llama_adapter_v2", no_text, model)
@@ -258,11 +246,12 @@ def test_caption_needs_pairs_and_a_tokenizer():
 
 
 def test_caption_refuses_a_prompt_longer_than_the_model_reads(spm_model):
-    model = surgery.build("llama_adapter_v2_tiny")  # max_seq_len 64: the Alpaca template alone is longer
+    model = surgery.build("llama_adapter_v2_tiny")  # max_seq_len 64: the template and this prompt are longer
     pairs = SweepData("caps", records(image=pictures(2), text=["a", "b"]), "fp")
+    prompt = "Describe every object in this image, one after the other. " * 3
     with pytest.raises(MetricDataError, match=r"the caption prompt takes \d+ tokens, and the model reads at most 64"):
         measure(choose(["caption"], "llama_adapter_v2", pairs, model),
-                evaluation(model, pairs, options={"tokenizer": spm_model}))
+                evaluation(model, pairs, options={"tokenizer": spm_model, "prompt": prompt}))
 
 
 def test_caption_on_imagebind_llm(spm_model, surgery_host):
@@ -276,6 +265,7 @@ def test_caption_on_imagebind_llm(spm_model, surgery_host):
     if "imagebind_llm" not in surgery_host.records:  # not installed as an entry point here: added for the test
         surgery_host.add_plugin(imagebind_llm, "imagebind_llm")
     model = surgery.build("imagebind_llm_tiny")
+    model.tokenizer = None  # the metric reads option tokenizer instead
     data = SweepData("caps", records(image=pictures(4, seed=6), text=["a cat", "two dogs", "a car", "a sun"]), "fp")
     options = {"tokenizer": spm_model, "prompt": "a photo of", "template": False, "generations": 1, "max_gen_len": 3}
     ev = evaluation(model, data, options=options)

@@ -280,9 +280,10 @@ setup(
     ],
     extras_require={
         # ray and scikit-learn: CI runs the quick sweep (scikit-learn's digits) on a local two-worker Ray
-        "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn", "transformers>=4.40", "peft>=0.10"],
         "ray": ["ray[default]>=2.9"],  # surgery sweep --executor ray
         "knn": ["faiss-cpu"],  # ImageBind-LLM's optional kNN cache (a faiss index file the user gives)
+        "transformers": ["transformers>=4.40", "peft>=0.10"],  # the transformers plugin (docs/transformers.md)
     },
     entry_points={
         "console_scripts": ["surgery = surgery.cli:main"],
@@ -291,6 +292,7 @@ setup(
             "llama_adapter_v2 = surgery_plugins.llama_adapter.plugin",
             "imagebind = surgery_plugins.imagebind.plugin",
             "imagebind_llm = surgery_plugins.imagebind_llm.plugin",
+            "transformers = surgery_plugins.transformers_hf.plugin",
         ],
         # command modules: the same name as the plugin's backbones entry (docs/plugins.md, "Adding commands")
         "surgery.commands": [

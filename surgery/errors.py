@@ -30,6 +30,14 @@ class PluginConflictError(PluginError):
     """Two plugins claim the same backbone, model or site name."""
 
 
+class PluginUnavailableError(PluginError):
+    """A plugin that cannot work in this environment: an optional dependency is not installed.
+
+    Raised by a plugin module while it is imported; `surgery plugins` lists it as "unavailable"
+    with the message (which says what to install), and it is not a failure, even with
+    SURGERY_STRICT_PLUGINS=1: nothing else is affected."""
+
+
 class BackboneError(SurgeryError, LookupError):
     """A model no plugin recognises, or a model name no plugin can build."""
 

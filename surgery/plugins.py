@@ -6,7 +6,9 @@ plugin module by name.
 
 Guarded loading: a plugin that raises (or calls `sys.exit()`) while importing or registering
 is recorded as failed with its error and unregistered, with nothing it registered kept; the
-others load as usual. The built-in plugins load first, so a third-party plugin can neither take
+others load as usual. A plugin whose optional dependency is missing raises `PluginUnavailableError`
+on import and is listed as "unavailable" with the reason (never fatal, even in strict mode).
+The built-in plugins load first, so a third-party plugin can neither take
 a built-in backbone's name nor make a built-in fail: such a conflict is the newcomer's.
 A loaded plugin whose `detect` raises is "degraded": its backbone is left out of that
 identification and the error is kept on its record (`surgery plugins` shows it).
@@ -30,7 +32,14 @@ from torch import nn
 
 from . import hookspecs
 from .commands import ONLY_ENV, is_builtin, selected_entry_points
-from .errors import PLUGIN_FAILURES, BackboneError, PluginConflictError, PluginError, describe_error
+from .errors import (
+    PLUGIN_FAILURES,
+    BackboneError,
+    PluginConflictError,
+    PluginError,
+    PluginUnavailableError,
+    describe_error,
+)
 
 ENTRY_POINT_GROUP = "surgery.backbones"
 STRICT_ENV = "SURGERY_STRICT_PLUGINS"
@@ -46,7 +55,8 @@ class PluginRecord:
     version: str | None
     module: str
     # "loaded"; "degraded" (loaded, but its code failed since: `problems`, also in `error`);
-    # "failed" (import or registration); "missing" (named by SURGERY_PLUGINS, not installed)
+    # "failed" (import or registration); "missing" (named by SURGERY_PLUGINS, not installed);
+    # "unavailable" (an optional dependency is not installed: `error` says what to install)
     status: str
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
@@ -132,6 +142,9 @@ class PluginHost:
             version = ep.dist.version if getattr(ep, "dist", None) is not None else None
             try:
                 plugin = ep.load()
+            except PluginUnavailableError as exc:  # an optional dependency missing: listed, not a failure
+                self._fail(ep.name, version, ep.value, str(exc), exc, status="unavailable")
+                continue
             except PLUGIN_FAILURES as exc:
                 self._fail(ep.name, version, ep.value, f"import failed: {describe_error(exc)}", exc)
                 continue
@@ -240,7 +253,7 @@ class PluginHost:
     def _fail(self, name: str, version: str | None, module: str, message: str, exc: BaseException | None,
               status: str = "failed") -> None:
         self.records[name] = PluginRecord(name=name, version=version, module=module, status=status, error=message)
-        if self.strict:
+        if self.strict and status != "unavailable":
             raise PluginError(f"plugin {name!r} ({module or 'not installed'}): {message}") from exc
 
     def record_problem(self, plugin: str, message: str) -> None:

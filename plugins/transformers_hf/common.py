@@ -83,6 +83,20 @@ def tensors_of(output: Any, names: Iterable[str]) -> tuple[torch.Tensor, ...]:
     return tuple(found)
 
 
+TOKEN_TABLES = ("query_tokens", "register_tokens", "cls_token", "distillation_token", "mask_token")
+
+
+def randomize_zero_tokens(model: nn.Module) -> nn.Module:
+    """transformers initialises learned tokens to zeros (trained ones never are): drawn from N(0, 1)
+    instead, in place, so that every token differs and a test can tell which ones a resize kept."""
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in TOKEN_TABLES and not tensor.any():
+                tensor.normal_()
+    return model
+
+
 def build(cls: type, config: Any) -> nn.Module:
-    """A transformers model from a config, random weights, eval mode (what the factories return)."""
-    return cls(config).eval()
+    """A transformers model from a config, random weights (token tables too), eval mode: what the
+    registered tiny models' factories return."""
+    return randomize_zero_tokens(cls(config).eval())

@@ -91,11 +91,13 @@ def _reader(embedding: nn.Embedding, blocks: int):
 
 
 def apply_count(model: nn.Module, change: Any) -> bool:
-    """The rows and counters as declared, then the derived index `prompt_tokens[adapter]` = arange(S * N)."""
+    """The rows and counters as declared, then the derived index `prompt_tokens[adapter]` =
+    arange(S * N), S = num_transformer_submodules (as peft builds it for prefix tuning too, which
+    looks up its first N only)."""
     adapter = site_names(model)[change.site.name]
     change.apply_default()
-    blocks = _blocks(model.peft_config[adapter])
-    change.edit.set_attr(model.prompt_tokens, adapter, torch.arange(change.new * blocks).long())
+    submodules = model.peft_config[adapter].num_transformer_submodules
+    change.edit.set_attr(model.prompt_tokens, adapter, torch.arange(change.new * submodules).long())
     return True
 
 

@@ -26,20 +26,27 @@ embeddings), `num_reg_tokens`, `has_class_token`, Eva's `cls_embed`, the `RelPos
 `prefix_tokens`, the PRR attention pool's `pool` (`'token'` with a class token, `'avg'` without:
 what timm builds), and the reconstruction arguments timm records in `model._model_args` (so a
 model re-created from them has the same counts).
+
+Models by name: the registered ones below (tiny test configs, two released architectures), and
+any timm model of these families by its timm name, `timm/<name>` or plain, resolved through
+`surgery_resolve_model` (`timm_names`): built with random weights, its released weights read
+only from the Hugging Face cache already on the machine.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from surgery import hookimpl
-from surgery.errors import BackboneError, ModelConfigError
+from surgery.errors import PLUGIN_FAILURES, BackboneError, ModelConfigError, describe_error
 from surgery.site import Counter, TokenSite, TokenTensor
 
 from .timm_metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
+from .timm_names import hub_weights, timm_arch
 
 BACKBONE = "timm_vit"
 
@@ -347,5 +354,30 @@ MODELS = {
 @hookimpl
 def surgery_register_models(register):
     for name, (arch, defaults, description) in MODELS.items():
+        # released weights fit only a model of timm's own configuration (not the tiny ones)
         register(name, _create(arch, **defaults), BACKBONE, description=description, example_inputs=_images,
-                 safe_kwargs=COUNT_KWARGS)
+                 safe_kwargs=COUNT_KWARGS, released_weights=None if defaults else partial(hub_weights, arch))
+
+
+FAMILIES = ("VisionTransformer (and subclasses keeping its _pos_embed), Eva, NaFlexVit, VisionTransformerRelPos, "
+            "VisionTransformerDistilled, Beit")
+
+
+@hookimpl
+def surgery_resolve_model(name, register):
+    """Any timm model of the families above by its timm name (`timm/<name>` or plain, `.tag` optional),
+    built with random weights; its released weights from the Hugging Face cache (`timm_names`)."""
+    arch = timm_arch(name)  # None: not a timm name; timm/<unknown>: a BackboneError
+    if arch is None:
+        return
+    factory = _create(arch)
+    try:
+        with torch.device("meta"):  # which class timm builds, without allocating
+            kind = factory()
+    except PLUGIN_FAILURES as exc:
+        raise ModelConfigError(f"timm model {arch!r} cannot be built: {describe_error(exc)}") from exc
+    if _family(kind) is None:
+        raise BackboneError(f"timm model {arch!r} is a {type(kind).__name__}, not of a family the {BACKBONE} plugin "
+                            f"has token sites for: {FAMILIES}")
+    register(name, factory, BACKBONE, description=f"timm {arch} ({type(kind).__name__}), random weights",
+             example_inputs=_images, safe_kwargs=COUNT_KWARGS, released_weights=partial(hub_weights, arch))

@@ -13,6 +13,8 @@ Which hooks a plugin needs:
   a model is"). Required for a plugin that brings a backbone.
 * `surgery_register_models`: named models it can build (a released size, a tiny one for tests),
   so the CLI and the conformance kit can build any backbone without code.
+* `surgery_resolve_model`: models it builds by a name it did not register one by one (any timm
+  ViT by its timm name), asked only for a name no plugin registered.
 * `surgery_token_sites`: the token sites of a model (see `surgery.site`). A plugin may add sites
   to another plugin's backbone; two plugins declaring the same site name is an error.
 * `surgery_submodels`: the sub-models of other backbones a model contains (ImageBind-LLM's
@@ -77,6 +79,31 @@ def surgery_register_models(register: Callable[..., None]) -> None:
     only size the model's token sites, such as the counts. Metadata is untrusted data: never list
     an argument that selects code, names a file or a path, or sizes anything but the tokens.
     Every other argument recorded in a file is refused.
+
+    `released_weights() -> path` (optional) says where the model's released weights are on this
+    machine (a cache the plugin knows, such as the Hugging Face hub's), for `--pretrained`: it
+    never downloads, and raises a `CheckpointError` naming what is missing and where it looked.
+    The core reads the file with its safe readers and loads it with `surgery.load`.
+    """
+
+
+@hookspec
+def surgery_resolve_model(name: str, register: Callable[..., None]) -> None:
+    """Build a model by a name no plugin registered, when this plugin knows the name.
+
+    Asked, plugin by plugin, for a name that is not a registered model (`surgery.build`, `surgery
+    inspect NAME`, `--model NAME`, the model a checkpoint's metadata names): for families too
+    large to register one by one (every timm ViT: `timm/vit_small_patch14_dinov2`). Call
+    `register(...)` with `name` itself and the arguments of `surgery_register_models`, or do
+    nothing for a name this plugin does not know. For a name it knows but cannot build (a timm
+    model of a family it has no sites for), raise a `SurgeryError` saying why and what is
+    allowed: it is shown when no other plugin resolves the name. Two plugins resolving one name
+    is an error naming both; the host keeps the answer, so a name is resolved once per process.
+
+    The name may come from a checkpoint's metadata, so it is untrusted: resolve it only by
+    looking it up among what the plugin knows (a library's registry), never by importing, opening
+    or downloading what it names. The factory builds with random weights on the default device,
+    as a registered model's does, so the core counts its size on the meta device first.
     """
 
 

@@ -1,15 +1,21 @@
-"""Where the CLI's models come from: a registered name, or the metadata of a checkpoint file.
+"""Where the CLI's models come from: a model name, or the metadata of a checkpoint file.
 
     model = build_model("vit_tiny_test", {})                        # plugin errors become typed ones
     model, name, origin = model_for_checkpoint(entry, state_dict)   # entry: the file's "surgery" metadata
+    model, path = pretrained_model("timm/vit_small_patch16_224")    # released weights already on this machine
+
+A model name is one a plugin registered, or one a plugin resolves (`surgery_resolve_model`: any
+timm ViT by its timm name), which the user may give anywhere a name goes (`--model`, `inspect`).
 
 A file written by `surgery.save` records the registered model it was built from ("model") and
 the keyword arguments of that build ("model_kwargs"), so `surgery inspect FILE` and
 `surgery resize FILE` can rebuild it without being told. That metadata is data from whoever
 wrote the file, so it chooses no code and opens nothing:
 
-* "model" must name a model a loaded plugin registered; the factory is the plugin's code and is
-  never imported from a name the file gives;
+* "model" must name a model a loaded plugin registered or resolves; the factory is the plugin's
+  code and is never imported from a name the file gives. A resolved name is allowed in a file:
+  the plugin only looks it up in what it knows (timm's registry of architectures, never a hub
+  repository or a path), so the name picks among code the plugin chose, as a registered one does;
 * each keyword argument must be one the model's plugin declared safe when registering it
   (`safe_kwargs`: the token counts) and plain JSON data, nested at most `MAX_DEPTH` levels;
   anything else (`checkpoint_path=`, a device, a config) is refused with the list of what is
@@ -20,16 +26,20 @@ wrote the file, so it chooses no code and opens nothing:
   from those tensors. A larger one needs `allow_large=True` (the CLI's `--allow-large`).
 
 A model named by the user (`--model NAME` different from the file's) is built with no keyword
-arguments from the file and without the size limit: the user chose it.
+arguments from the file and without the size limit: the user chose it. Released weights are only
+ever loaded when the user asks (`--pretrained`), never because a file names a model.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .checkpoint import load
 from .engine import build
 from .errors import CheckpointError, ModelConfigError, SurgeryError, short_repr
 from .plugins import PLUGIN_FAILURES, ModelSpec, describe_error, get_host
@@ -52,6 +62,32 @@ def build_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise
     except PLUGIN_FAILURES as exc:
         raise ModelConfigError(_factory_failed(spec, kwargs, exc)) from exc
+
+
+def pretrained_model(name: str) -> tuple[nn.Module, Path]:
+    """Build model `name` and load its released weights from where its plugin finds them on this
+    machine (`released_weights`, e.g. the Hugging Face cache): (model, the file loaded).
+
+    Nothing is downloaded: weights that are not there are a `CheckpointError` saying what was
+    looked for and where. The file is read by the core's safe readers (`surgery.load`).
+    """
+    spec = get_host().model_spec(name)
+    if spec.released_weights is None:
+        raise CheckpointError(f"model {name!r} (plugin {spec.plugin!r}) has no released weights its plugin can "
+                              f"find; pass a checkpoint file instead")
+    try:
+        found = spec.released_weights()
+    except SurgeryError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise CheckpointError(f"the released weights of model {name!r} (plugin {spec.plugin!r}) cannot be "
+                              f"located: {describe_error(exc).splitlines()[0]}") from exc
+    if not isinstance(found, (str, os.PathLike)) or not os.path.isfile(found):
+        raise CheckpointError(f"plugin {spec.plugin!r} gave {short_repr(found)} as the released weights of model "
+                              f"{name!r}, which is not a file")
+    model = build_model(name, {})
+    load(found, model)
+    return model, Path(found)
 
 
 def model_for_checkpoint(entry: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,

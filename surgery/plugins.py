@@ -38,10 +38,12 @@ from .errors import (
     PluginConflictError,
     PluginError,
     PluginUnavailableError,
+    SurgeryError,
     describe_error,
 )
 
 ENTRY_POINT_GROUP = "surgery.backbones"
+RESOLVE_HOOK = "surgery_resolve_model"
 STRICT_ENV = "SURGERY_STRICT_PLUGINS"
 _ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 MAX_PROBLEMS = 8  # run-time errors kept per plugin record (the first ones; later ones are alike)
@@ -96,6 +98,8 @@ class ModelSpec:
     forward: Callable[..., Any] | None = None
     # factory keywords a checkpoint's metadata may set (`surgery.model_source`); any other is refused
     safe_kwargs: frozenset[str] = frozenset()
+    # () -> path of the model's released weights on this machine (`--pretrained`); never downloads
+    released_weights: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         self.backbones: dict[str, Backbone] = {}
         self.models: dict[str, ModelSpec] = {}
+        self.resolved: dict[str, ModelSpec] = {}  # names plugins resolved (`surgery_resolve_model`), kept
         self.metrics: dict[str, MetricSpec] = {}
         self.strict = strict_from_env()
 
@@ -214,7 +219,7 @@ class PluginHost:
                          staged: dict[str, ModelSpec]) -> Callable[..., None]:
         def register(name: str, factory: Callable[..., nn.Module], backbone: str, description: str = "",
                      example_inputs: Callable | None = None, forward: Callable | None = None,
-                     safe_kwargs: Iterable[str] = ()) -> None:
+                     safe_kwargs: Iterable[str] = (), released_weights: Callable[[], Any] | None = None) -> None:
             owner = self.models.get(name) or staged.get(name)
             if owner is not None:
                 raise PluginConflictError(
@@ -224,8 +229,10 @@ class PluginHost:
             safe = (safe_kwargs,) if isinstance(safe_kwargs, str) else tuple(safe_kwargs)
             if not all(isinstance(k, str) and k.isidentifier() for k in safe):
                 raise PluginError(f"model {name!r}: safe_kwargs must be keyword names, got {safe_kwargs!r}")
+            if not callable(factory) or not (released_weights is None or callable(released_weights)):
+                raise PluginError(f"model {name!r}: factory and released_weights must be callable")
             staged[name] = ModelSpec(name, factory, backbone, plugin, description, example_inputs, forward,
-                                     frozenset(safe))
+                                     frozenset(safe), released_weights)
         return register
 
     def _metric_registrar(self, plugin: str, staged: dict[str, MetricSpec]) -> Callable[..., None]:
@@ -309,10 +316,52 @@ class PluginHost:
                                   f"{names}; pass backbone=... to choose one")
 
     def model_spec(self, name: str) -> ModelSpec:
-        if name not in self.models:
+        """The model `name`: registered, or resolved by a plugin; a `BackboneError` listing the
+        registered models when no plugin knows it (or the error of a plugin that knows the name
+        but cannot build it)."""
+        spec = self.resolve_model(name)
+        if spec is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise BackboneError(f"no plugin can build a model named {name!r}; known models: {known}")
-        return self.models[name]
+            asked = ", ".join(plugin for plugin, _ in self.implementations(RESOLVE_HOOK))
+            resolvers = f"; no plugin resolves it either (asked: {asked})" if asked else ""
+            raise BackboneError(f"no plugin can build a model named {name!r}; known models: {known}{resolvers}")
+        return spec
+
+    def resolve_model(self, name: str) -> ModelSpec | None:
+        """The registered model `name`, else the one a plugin resolves it to (`surgery_resolve_model`,
+        asked once per name), else None. A plugin that knows the name but cannot build it raises a
+        `SurgeryError`, raised here when no other plugin resolves the name."""
+        if not isinstance(name, str) or not name:
+            raise BackboneError(f"a model name must be a non-empty string, got {name!r}")
+        spec = self.models.get(name) or self.resolved.get(name)
+        if spec is not None:
+            return spec
+        claims: list[ModelSpec] = []
+        refusals: list[SurgeryError] = []
+        for plugin, function in self.implementations(RESOLVE_HOOK):
+            staged: dict[str, ModelSpec] = {}
+            try:
+                function(name=name, register=self._model_registrar(plugin, {}, staged))
+            except SurgeryError as exc:  # the plugin knows the name and says why it cannot build it
+                refusals.append(exc)
+                continue
+            except PLUGIN_FAILURES as exc:
+                self.record_problem(plugin, f"{RESOLVE_HOOK} raised {describe_error(exc)}")
+                raise PluginError(f"plugin {plugin!r}: {RESOLVE_HOOK} raised {describe_error(exc)} resolving "
+                                  f"model name {name!r}") from exc
+            if set(staged) - {name} or len(staged) > 1:
+                raise PluginError(f"plugin {plugin!r}: {RESOLVE_HOOK} asked for {name!r} registered "
+                                  f"{', '.join(map(repr, staged))}; it may register only the name asked for")
+            claims.extend(staged.values())
+        if len(claims) > 1:
+            raise PluginConflictError(f"model name {name!r} is resolved by several plugins: "
+                                      f"{', '.join(repr(c.plugin) for c in claims)}")
+        if not claims:
+            if refusals:
+                raise refusals[0]
+            return None
+        self.resolved[name] = claims[0]
+        return claims[0]
 
     def implementations(self, hook: str) -> list[tuple[str, Callable]]:
         """(plugin name, function) of every implementation of `hook`, in registration order

@@ -8,7 +8,7 @@ import torch
 
 import surgery
 from surgery import hookspecs
-from surgery.errors import PluginConflictError, PluginError
+from surgery.errors import BackboneError, PluginConflictError, PluginError
 from surgery.plugins import PluginHost
 from toy_backbone import ToyModel, ToyPlugin
 
@@ -58,6 +58,66 @@ def test_hook_surgery_register_models(fresh_host):
 
     assert not fresh_host.add_plugin(UnknownBackbone(), "bad_models")
     assert "names backbone 'no_such_backbone'" in fresh_host.records["bad_models"].error
+
+
+class ToyResolver:
+    """Resolves `toy/<prompts>` (a toy model with that many prompts); refuses `toy/<not a number>`."""
+
+    def __init__(self):
+        self.asked = []
+
+    @surgery.hookimpl
+    def surgery_resolve_model(self, name, register):
+        self.asked.append(name)
+        if not name.startswith("toy/"):
+            return
+        if not name[4:].isdigit():
+            raise BackboneError(f"toy models are toy/<number of prompts>, not {name!r}")
+        register(name, lambda **kw: ToyModel(**{"prompts": int(name[4:]), **kw}), "toy", safe_kwargs=("prompts",))
+
+
+def test_hook_surgery_resolve_model(fresh_host):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+    resolver = ToyResolver()
+    fresh_host.add_plugin(resolver, "toy_names")
+    model = surgery.build("toy/3")
+    assert isinstance(model, ToyModel) and surgery.counts(model)["prompts"] == 3
+    spec = fresh_host.model_spec("toy/3")
+    assert (spec.plugin, spec.backbone, spec.safe_kwargs) == ("toy_names", "toy", frozenset({"prompts"}))
+    assert resolver.asked == ["toy/3"]  # once per name; a registered name is never asked about
+    assert fresh_host.model_spec("toy_tiny").plugin == "toy" and resolver.asked == ["toy/3"]
+    assert "toy/3" not in fresh_host.models  # `surgery models` lists what plugins registered
+    with pytest.raises(BackboneError, match="not 'toy/x'"):  # the resolver's own refusal
+        fresh_host.model_spec("toy/x")
+    with pytest.raises(BackboneError, match="no plugin can build a model named 'other'.*asked: toy_names"):
+        fresh_host.model_spec("other")
+
+    class Also:
+        @surgery.hookimpl
+        def surgery_resolve_model(self, name, register):
+            register(name, ToyModel, "toy")
+
+    fresh_host.add_plugin(Also(), "also")
+    with pytest.raises(PluginConflictError, match="'toy/4' is resolved by several plugins"):
+        fresh_host.model_spec("toy/4")
+    assert fresh_host.model_spec("toy/x").plugin == "also"  # a refusal gives way to a plugin that resolves
+
+
+@pytest.mark.parametrize("resolve, message", [
+    (lambda name, register: register("something_else", ToyModel, "toy"), "may register only the name asked"),
+    (lambda name, register: register(name, ToyModel, "no_such_backbone"), "names backbone 'no_such_backbone'"),
+    (lambda name, register: 1 / 0, "surgery_resolve_model raised ZeroDivisionError"),
+])
+def test_a_resolver_that_misbehaves_is_named(fresh_host, resolve, message):
+    fresh_host.add_plugin(ToyPlugin(), "toy")
+
+    class Bad:
+        surgery_resolve_model = staticmethod(surgery.hookimpl(resolve))
+
+    fresh_host.add_plugin(Bad(), "bad")
+    with pytest.raises(PluginError, match=message):
+        fresh_host.model_spec("toy/1")
+    assert "toy/1" not in fresh_host.resolved
 
 
 def test_hook_surgery_token_sites(fresh_host):

@@ -274,13 +274,13 @@ setup(
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "numpy",
-        "tqdm",
-        "matplotlib",  # surgery bench: the PNG plots
         "regex",  # the ImageBind (CLIP BPE) tokenizer: unicode classes (\p{L}) the re module lacks
     ],
     extras_require={
         # ray and scikit-learn: CI runs the quick sweep (scikit-learn's digits) on a local two-worker Ray
-        "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn", "transformers>=4.40", "peft>=0.10"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn", "transformers>=4.40", "peft>=0.10",
+                "matplotlib", "tqdm"],
+        "plot": ["matplotlib", "tqdm"],  # benchmarks' and sweeps' PNG plots and progress bars (else skipped)
         "ray": ["ray[default]>=2.9"],  # surgery sweep --executor ray
         "knn": ["faiss-cpu"],  # ImageBind-LLM's optional kNN cache (a faiss index file the user gives)
         "transformers": ["transformers>=4.40", "peft>=0.10"],  # the transformers plugin (docs/transformers.md)
@@ -297,6 +297,7 @@ setup(
         # command modules: the same name as the plugin's backbones entry (docs/plugins.md, "Adding commands")
         "surgery.commands": [
             "llama_adapter_v2 = surgery_plugins.llama_adapter.commands",
+            "imagebind = surgery_plugins.imagebind.commands",
         ],
         "pytest11": ["surgery = surgery.testing"],
     },

@@ -35,7 +35,7 @@ import torch
 
 import surgery
 from surgery.bench import OutputMismatchError, report
-from surgery.bench.e2e import floor_forward
+from surgery_plugins.llama_adapter.bench_e2e import floor_forward
 from surgery.bench.timing import Budget, resolve_device, set_threads, time_many
 
 PATHS = ("floor", "ours", "upstream")

@@ -2,8 +2,8 @@
 
     python benchmarks/llama_adapter_decode.py [--quick] [--threads N] [--dtypes ...] [--out DIR]
 
-`surgery bench e2e` (surgery/bench/e2e.py) on this script's historical grid: query_len in {10, 64}
-x batch in {1, 4} (`--quick`: the two target points, fp32), fp32 and bf16, no ImageBind. Greedy
+`surgery bench e2e` (plugins/llama_adapter/bench_e2e.py) on this script's historical grid: query_len in {10, 64}
+x batch in {1, 4} (`--quick`: the two target points, fp32), fp32 and bf16. Greedy
 tokens of the two adapter paths are checked identical before anything is timed. Any option of
 `surgery bench e2e` may be given (e.g. `--query-lens 1,10,64,256` for the issue's full grid);
 `--prompt N` is the old name of `--prompt-len N`.
@@ -23,8 +23,6 @@ def argv(args: list[str]) -> list[str]:
             extra += ["--query-lens", "10,64"]
         if "--batches" not in given:
             extra += ["--batches", "1,4"]
-    if "--imagebind" not in given and "--no-imagebind" not in given:
-        extra.append("--no-imagebind")
     return ["bench", "e2e", *extra, *args]
 
 

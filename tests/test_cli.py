@@ -404,14 +404,17 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the 
 
 def test_bench_and_profile_have_help(capsys):
     code, out, _ = cli(capsys, "bench", "--help")
-    assert code == 0 and out.startswith("usage: surgery bench") and all(k in out for k in ("kernels", "e2e", "surgery"))
+    assert code == 0 and out.startswith("usage: surgery bench") and all(
+        k in out for k in ("kernels", "e2e", "surgery", "imagebind"))
     assert "--quick" in out and "--device" in out and "--out" in out
     code, out, _ = cli(capsys, "profile", "--help")
     assert code == 0 and out.startswith("usage: surgery profile") and "Perfetto" in out
 
 
 @needs_no_gpu
-@pytest.mark.parametrize("argv", [["bench", "kernels"], ["bench", "e2e", "--quick"], ["bench", "surgery"], ["profile"]])
+@pytest.mark.parametrize("argv", [["bench", "kernels"], ["bench", "e2e", "--quick"], ["profile"],
+                                  ["bench", "surgery", "--model", "vit_tiny_test", "--change", "reg_tokens=2"],
+                                  ["bench", "imagebind", "--quick"]])
 def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys, argv):
     out_dir = tmp_path / "results"
     code, out, err = cli(capsys, *argv, "--device", "cuda", "--out", str(out_dir))
@@ -422,8 +425,14 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys, argv):
 def test_bench_option_of_another_benchmark_is_a_usage_error(capsys):
     code, _, err = cli(capsys, "bench", "e2e", "--ops", "query_concat")
     assert_refused(code, err, expected_code=2, mentions="--ops is an option of 'surgery bench kernels'")
+    code, _, err = cli(capsys, "bench", "kernels", "--query-lens", "3")  # a plugin's kind's option, too
+    assert_refused(code, err, expected_code=2, mentions="--query-lens is an option of 'surgery bench e2e'")
+    code, _, err = cli(capsys, "bench", "kernels", "--bogus")
+    assert_refused(code, err, expected_code=2, mentions="unrecognized arguments: --bogus")
     code, _, err = cli(capsys, "bench", "fast")
     assert_refused(code, err, expected_code=2, mentions="invalid choice")
+    code, _, err = cli(capsys, "bench")
+    assert_refused(code, err, expected_code=2, mentions="choose what 'surgery bench' runs: e2e, imagebind, kernels")
 
 
 def _kernel_argv(tmp_path) -> list[str]:
@@ -475,12 +484,15 @@ def test_bench_kernels_refuses_a_backend_whose_output_is_wrong(tmp_path, capsys,
 
 
 def test_bench_surgery_quick(tmp_path, capsys):
-    code, out, err = cli(capsys, "bench", "surgery", "--quick", "--repeats", "2", "--no-progress", "--out", str(tmp_path))
+    code, out, err = cli(capsys, "bench", "surgery", "--model", "llama_adapter_v2_7b", "--change", "query_len=64",
+                         "--change", "query_layer=8", "--quick", "--repeats", "2", "--no-progress", "--out", str(tmp_path))
     assert code == 0, err
     rows = json.loads((tmp_path / "surgery_cost.json").read_text())["rows"]
     assert len(rows) == 10 and {r["site"] for r in rows} == {"query_len", "query_layer"}
     assert all(r["other_tensors_touched"] == 0 for r in rows)
     assert "| tokens swap | query_len | 10 -> 64 |" in out
+    code, _, err = cli(capsys, "bench", "surgery", "--quick")  # the core names no model: the user does
+    assert_refused(code, err, expected_code=2, mentions="--model")
 
 
 def test_bench_e2e_on_the_tiny_model(tmp_path, capsys):
@@ -490,7 +502,30 @@ def test_bench_e2e_on_the_tiny_model(tmp_path, capsys):
     assert code == 0, err
     points = json.loads((tmp_path / "e2e_points.json").read_text())["rows"]
     assert [(p["query_len"], p["batch"], p["tokens_identical"]) for p in points] == [(3, 1, True), (3, 2, True)]
-    assert "ImageBind: not measured: --quick without --imagebind" in out
+    assert "identical at 2 of 2 points" in out and (tmp_path / "e2e_decode_float32.png").exists()
+
+
+def test_bench_imagebind_on_the_tiny_config(tmp_path, capsys):
+    code, out, err = cli(capsys, "bench", "imagebind", "--quick", "--config", "tiny", "--modalities", "vision,text",
+                         "--batches", "1,2", "--min-run-time", "0.01", "--threads", "1", "--no-progress",
+                         "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "imagebind_embed.json").read_text())["rows"]
+    assert [(r["impl"], r["modality"], r["batch"], r["mode"]) for r in rows] == [
+        ("ours", m, b, "eager") for m in ("vision", "text") for b in (1, 2)]
+    assert all(r["items_per_s"] == pytest.approx(r["batch"] / r["seconds"]) for r in rows)
+    assert "| ours | float32 | eager | vision | 2 |" in out and (tmp_path / "summary.md").exists()
+
+
+def test_benchmarks_without_matplotlib_write_their_results_and_say_so(tmp_path, capsys, monkeypatch):
+    from surgery.bench import report
+
+    monkeypatch.setattr(report, "can_plot", lambda: False)  # as where the `plot` extra is not installed
+    code, out, err = cli(capsys, *_kernel_argv(tmp_path))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.csv", "kernels.json", "summary.md"]
+    assert "plots skipped: matplotlib is not installed" in out
+    assert "Plots skipped" in (tmp_path / "summary.md").read_text()
 
 
 def test_profile_writes_a_trace(tmp_path, capsys):

@@ -34,22 +34,21 @@ def add_e2e_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-lens", type=int_list, help="e.g. 1,10,64,256")
     p.add_argument("--batches", type=int_list, help="e.g. 1,4")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per row (default 32; 16 with --quick)")
-    p.add_argument("--imagebind", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run benchmarks/imagebind_embed.py (default: yes, except with --quick)")
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from surgery.bench import e2e
     from surgery.bench.timing import resolve_device
+
+    from . import bench_e2e
 
     resolve_device(args.device)  # a clear error before any model is built
     check_model(args.model, "surgery bench e2e")
     out = output_folder(args)
-    config = e2e.E2EConfig(device=args.device, quick=args.quick, dtypes=args.dtypes, threads=args.threads,
-                           model=args.model, query_lens=args.query_lens, batches=args.batches,
-                           prompt_len=args.prompt_len, imagebind=args.imagebind)
-    results, files = e2e.main(config, out, not args.no_progress)
-    return finish(e2e.summary_markdown(results) + "\n\nImageBind: " + results.imagebind_note, out, files)
+    config = bench_e2e.E2EConfig(device=args.device, quick=args.quick, dtypes=args.dtypes, threads=args.threads,
+                                 model=args.model, query_lens=args.query_lens, batches=args.batches,
+                                 prompt_len=args.prompt_len)
+    results, files = bench_e2e.main(config, out, not args.no_progress)
+    return finish(bench_e2e.summary_markdown(results), out, files)
 
 
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +68,7 @@ def run_profile(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from surgery.bench import profile
+    from . import profile
 
     check_model(args.model, "surgery profile")
     config = profile.ProfileConfig(device=args.device, model=args.model, dtype=args.dtype, query_len=args.query_len,

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -323,18 +323,10 @@ def run(config: KernelConfig, progress: bool = False,
     cases = grid(config.dtype_list(), config.quick, config.ops)
     results = KernelResults(env=report.environment(device, threads, peak_gbps=peak.gbps, peak_source=peak.source,
                                                    quick=config.quick), peak=peak)
-    for case in _progress(cases, progress, "kernels"):
+    for case in report.progress_bar(cases, show=progress, desc="kernels", unit="case"):
         available, missing = impls(case, device, config.backends)
         results.rows += run_case(case, device, budget, threads, peak, available, missing)
     return results
-
-
-def _progress(items: Sequence[Any], show: bool, desc: str) -> Iterable[Any]:
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="case", leave=False, dynamic_ncols=True)
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -407,8 +399,9 @@ def write(results: KernelResults, out: Path) -> list[Path]:
         if ok:
             title = (f"{results.env['device_name']}, {dtype}, {results.env['threads']} threads, "
                      f"torch {results.env['torch']}, {results.env['timestamp']}")
-            files.append(report.plot_bandwidth(ok, out / f"kernels_{device_type}_{dtype}.png", title, peak,
-                                               references=REFERENCES))
+            plot = report.plot_bandwidth(ok, out / f"kernels_{device_type}_{dtype}.png", title, peak,
+                                         references=REFERENCES)
+            files += [plot] if plot else []
     peak_line = ""
     if results.peak and results.peak.gbps:
         peak_line = f"\n\nPeak memory bandwidth: {results.peak.gbps:.0f} GB/s ({results.peak.source})."

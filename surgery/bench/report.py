@@ -12,12 +12,15 @@ timestamp), so a CSV row read on its own still says where it was measured. The J
 {"meta": env, "rows": [...]}, the CSV the same rows flat.
 
 Plots use matplotlib's Agg backend (no display needed); matplotlib is imported only here and
-only when a plot is drawn.
+only when a plot is drawn. matplotlib and tqdm are optional (the `plot` extra): without them the
+plot functions draw nothing and return None, `summary.md` says the plots were skipped, and
+`progress_bar` shows nothing. Everything here is public: plugins' benchmarks write through it.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
 import math
@@ -26,13 +29,14 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from .timing import device_name
 
 ENV_FIELDS = ("device_name", "torch", "triton", "git_commit", "timestamp")
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install 'token-surgery[plot]')"
 
 
 # -- the environment ---------------------------------------------------------------------------
@@ -154,6 +158,8 @@ def write_summary(out: Path, title: str, sections: Sequence[tuple[str, str]], en
     """`out/summary.md`: a title, the environment, then each (heading, Markdown body)."""
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", "", f"Machine: {environment_line(env)}", ""]
+    if not can_plot():
+        parts += [PLOTS_SKIPPED[0].upper() + PLOTS_SKIPPED[1:] + ".", ""]
     for heading, body in sections:
         parts += [f"## {heading}", "", body.rstrip(), ""]
     if files:
@@ -163,7 +169,43 @@ def write_summary(out: Path, title: str, sections: Sequence[tuple[str, str]], en
     return path
 
 
+# -- progress --------------------------------------------------------------------------------------
+
+
+class _NoBar:
+    def __init__(self, items: Optional[Iterable[Any]] = None) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items or ())
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def write(self, text: str) -> None:  # tqdm.write: a line printed past the bar
+        print(text)
+
+
+def progress_bar(items: Optional[Iterable[Any]] = None, *, total: Optional[int] = None, show: bool = True,
+                 desc: str = "", unit: str = "it") -> Any:
+    """A tqdm bar over `items` (or one updated by hand up to `total`); one that shows nothing when
+    `show` is False or tqdm is not installed."""
+    if not show or importlib.util.find_spec("tqdm") is None:
+        return _NoBar(items)
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
 # -- plots ---------------------------------------------------------------------------------------
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the `plot` extra): else the plot functions return None."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot():
@@ -181,10 +223,12 @@ REFERENCE_STYLES = (dict(color="black", linestyle="--", linewidth=2), dict(color
 
 
 def plot_bandwidth(rows: Sequence[Mapping[str, Any]], path: Path, title: str, peak_gbps: Optional[float] = None,
-                   references: Optional[Mapping[str, str]] = None) -> Path:
+                   references: Optional[Mapping[str, str]] = None) -> Optional[Path]:
     """GB/s against the bytes the op must move (`op_bytes`), one line per backend, one panel per op;
     the same-run references ({backend: name of the limit}) drawn dashed, the device's peak (GPU)
     as a horizontal line."""
+    if not can_plot():
+        return None
     plt = _pyplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     fig, axes = plt.subplots(1, len(ops), figsize=(5.2 * len(ops), 4.2), squeeze=False)
@@ -214,9 +258,11 @@ def plot_bandwidth(rows: Sequence[Mapping[str, Any]], path: Path, title: str, pe
 
 
 def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str, xlabel: str,
-               ylabel: str, logx: bool = False, baseline: Optional[tuple[float, float]] = None) -> Path:
+               ylabel: str, logx: bool = False, baseline: Optional[tuple[float, float]] = None) -> Optional[Path]:
     """A simple line plot: {label: [(x, y), ...]}; `baseline` (x, y), when given, is marked with a
     star and a dashed horizontal line (the reference the other points are read against)."""
+    if not can_plot():
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, points in series.items():
@@ -241,9 +287,11 @@ def plot_lines(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, 
 
 
 def plot_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, title: str,
-              ylabel: str) -> Path:
+              ylabel: str) -> Optional[Path]:
     """Grouped bars: one group per label in `groups`, one bar per series ({label: a value per group});
     drawn for any number of groups, so a one-point grid still gets its figure."""
+    if not can_plot():
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4.8, 1.1 * len(groups) * max(1, len(series)) / 2 + 2), 4.2))
     width = 0.8 / max(1, len(series))

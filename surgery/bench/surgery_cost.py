@@ -1,12 +1,13 @@
-"""What surgery itself costs on a 7B-shaped LLaMA-Adapter V2 (`surgery bench surgery`).
+"""What surgery itself costs on a model of any size (`surgery bench surgery --model NAME --change SITE=N`).
 
-The model is `llama_adapter_v2_7b` as its plugin builds it: every tensor on the meta device
-(shapes only, no memory). Only the tensors of the token sites (`visual_query.weight` (Q, 768) and
-`adapter_query.weight` (L*Q, 4096)) are materialised, on the chosen device, with random values:
-the 7B base weights are never allocated, and if the engine touched one of them the check below
-would see an op on a meta tensor.
+The model is built by its registered name under `torch.device("meta")`: every tensor has a shape
+and no memory. Only the tensors of its token sites are materialised, on the chosen device, with
+random values: the base weights are never allocated (a 7B model costs nothing), and if the engine
+touched one of them the check below would see an op on a meta tensor. The model is named on the
+command line (the core knows none); the figures in docs/performance.md are LLaMA-Adapter V2's 7B
+(`python benchmarks/surgery_cost.py` gives its changes).
 
-For each change (query_len 10 -> 64, 256, 1; query_layer 31 -> 8, 32) it measures:
+For each change (a site and its new count, each measured from the model's own count) it measures:
 
     resize        surgery.resize(model, site=new), and "resize back" to the original count
     tokens enter  entering `with surgery.tokens(model, site=new)`, "tokens exit" leaving it,
@@ -43,26 +44,23 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..engine import STATE_ATTR
+from ..errors import SurgeryError, describe_error
 from . import BenchmarkError, report
 from .timing import Timing, pairs, resolve_device, set_threads, synchronize
 
 SWAP_TARGET_MS = 50.0
 MEMORY_TARGET = 2.0  # peak extra bytes / site bytes
-FULL_CHANGES = (("query_len", 64), ("query_len", 256), ("query_len", 1), ("query_layer", 8), ("query_layer", 32))
-QUICK_CHANGES = (("query_len", 64), ("query_layer", 8))
 
 
 @dataclass
 class CostConfig:
+    model: str  # a registered model name
+    changes: tuple[tuple[str, int], ...]  # (site, new count), each from the model's own count
     device: str = "cpu"
     quick: bool = False
-    model: str = "llama_adapter_v2_7b"
     dtype: str = "float32"  # of the materialised site tensors
     repeats: Optional[int] = None  # timed calls per action (None: 30, or 5 with --quick)
     threads: Optional[int] = None
-
-    def changes(self) -> tuple[tuple[str, int], ...]:
-        return QUICK_CHANGES if self.quick else FULL_CHANGES
 
 
 @dataclass
@@ -126,14 +124,25 @@ def site_tensors(model: nn.Module, site: Optional[str] = None) -> dict[int, tupl
 
 
 def build(config: CostConfig, device: torch.device) -> nn.Module:
-    """The 7B-shaped model on the meta device, with only the sites' tensors real, on `device`."""
+    """The model on the meta device, with only the sites' tensors real, on `device`."""
     import surgery
 
     dtype = getattr(torch, config.dtype, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise BenchmarkError(f"--dtype {config.dtype!r} is not a floating-point dtype; allowed: float32, "
                              f"bfloat16, float16")
-    model = surgery.build(config.model, device="meta") if config.model.endswith("_7b") else surgery.build(config.model)
+    try:
+        with torch.device("meta"):  # the plugin's factory allocates nothing
+            model = surgery.build(config.model)
+    except SurgeryError:
+        raise
+    except Exception as exc:  # a factory that needs real values (reads a file, calls .item())
+        raise BenchmarkError(f"model {config.model!r} cannot be built on the meta device, which this benchmark "
+                             f"needs (only the sites' tensors are made real): {describe_error(exc)}") from None
+    unknown = sorted({site for site, _ in config.changes} - set(surgery.sites(model)))
+    if unknown:
+        raise BenchmarkError(f"--change names {', '.join(map(repr, unknown))}, not a site of {config.model!r}; "
+                             f"its sites: {', '.join(surgery.sites(model))}")
     g = torch.Generator().manual_seed(0)
     modules = {}
     for site in surgery.sites(model).values():
@@ -345,12 +354,7 @@ def run(config: CostConfig, progress: bool = False) -> CostResults:
         materialised_bytes=sum(t.numel() * t.element_size() for t in everything.values() if t.device.type != "meta"))
     results.env = report.environment(device, threads, model=config.model, dtype=config.dtype, quick=config.quick,
                                      base_bytes=results.base_bytes, materialised_bytes=results.materialised_bytes)
-    changes = config.changes()
-    if progress:
-        from tqdm import tqdm
-
-        changes = tqdm(changes, desc="surgery", unit="change", leave=False, dynamic_ncols=True)
-    for site, new in changes:
+    for site, new in report.progress_bar(config.changes, show=progress, desc="surgery", unit="change"):
         results.rows += measure_change(model, site, new, device, threads, repeats)
     return results
 

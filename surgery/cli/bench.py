@@ -26,7 +26,7 @@ from typing import Iterable
 
 from surgery.commands import UsageError
 
-from .arguments import int_list, name_list
+from .arguments import int_list, name_list, site_count
 
 GROUP_HELP = "benchmarks: kernels vs the hardware limit, surgery cost, and the kinds plugins add"
 GROUP_DESCRIPTION = (
@@ -40,8 +40,10 @@ KERNELS_DESCRIPTION = (
     "write-only floor: a same-run copy / fill; GPU: device peak). Every backend's output is\n"
     "checked against the reference before it is timed. Details: docs/performance.md")
 SURGERY_DESCRIPTION = (
-    "Time and extra memory of resize and tokens(...) on the 7B shape (meta weights, only the\n"
-    "sites' tensors materialised), against the same-run floor of allocating and writing them.")
+    "Time and extra memory of resize and tokens(...) on a registered model built on the meta\n"
+    "device (only the sites' tensors materialised, so a 7B model costs nothing), against the\n"
+    "same-run floor of allocating and writing them.\n\n"
+    "example: surgery bench surgery --model llama_adapter_v2_7b --change query_len=64 --change query_layer=8")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -60,9 +62,14 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 
 def finish(summary: str, out: Path, files: Iterable[Path | str]) -> int:
-    """Print a benchmark's summary and the files it wrote; the exit status (0)."""
+    """Print a benchmark's summary and the files it wrote (and that plots were skipped, without
+    matplotlib); the exit status (0)."""
+    from surgery.bench import report
+
     print(summary)
     print(f"\nresults in {out}: " + ", ".join(Path(f).name for f in files))
+    if not report.can_plot():
+        print(report.PLOTS_SKIPPED)
     return 0
 
 
@@ -99,6 +106,9 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 def add_surgery_arguments(p: argparse.ArgumentParser) -> None:
     add_common_options(p)
+    p.add_argument("--model", required=True, metavar="NAME", help="a registered model (see 'surgery models')")
+    p.add_argument("--change", action="append", type=site_count, required=True, metavar="SITE=N",
+                   help="a site and the count to measure a change to, from the model's own (repeat for more)")
     p.add_argument("--repeats", type=int, help="timed calls per action (default 30; 5 with --quick)")
 
 
@@ -110,8 +120,9 @@ def cmd_bench_surgery(args: argparse.Namespace) -> int:
         raise UsageError("'surgery bench surgery' takes one dtype (the sites' tensors), e.g. --dtypes bfloat16")
     resolve_device(args.device)
     out = output_folder(args)
-    config = surgery_cost.CostConfig(device=args.device, quick=args.quick, threads=args.threads,
-                                     dtype=(args.dtypes or ("float32",))[0], repeats=args.repeats)
+    config = surgery_cost.CostConfig(model=args.model, changes=tuple(args.change), device=args.device,
+                                     quick=args.quick, threads=args.threads, dtype=(args.dtypes or ("float32",))[0],
+                                     repeats=args.repeats)
     results, files = surgery_cost.main(config, out, not args.no_progress)
     return finish(surgery_cost.summary_markdown(results), out, files)
 

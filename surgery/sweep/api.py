@@ -169,9 +169,9 @@ def sweep(models: str | Sequence[str], sites: Mapping[str, Any], *, inits: str |
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..bench.report import progress_bar  # tqdm's, or none without it (the `plot` extra)
 
-    return tqdm(total=total, desc="sweep cells", unit="cell", disable=not enabled or total == 0)
+    return progress_bar(total=total, show=enabled and total > 0, desc="sweep cells", unit="cell")
 
 
 def _grid_text(grid: Grid, training: Training, data: str, plan: Plan, executor: str, total: int,

@@ -113,9 +113,9 @@ def plot(results: Sequence[CellResult], out: Path) -> list[Path]:
                 if baseline is not None and metric in baseline.values:
                     mark = (baseline.cell.counts[first_site], baseline.values[metric])
                 path = out / f"{_file_part(metric)}__{_file_part(Path(model).stem)}__{_file_part(label)}.png"
-                report.plot_lines(series, path, f"{metric}: {model}, {label}", f"{first_site} count", metric,
-                                  baseline=mark)
-                files.append(path)
+                if report.plot_lines(series, path, f"{metric}: {model}, {label}", f"{first_site} count", metric,
+                                     baseline=mark) is not None:  # None: matplotlib is not installed
+                    files.append(path)
     return files
 
 

@@ -1,4 +1,5 @@
-"""surgery/bench/surgery_cost.py: the 7B shape stays on meta, only the site is touched, memory adds up."""
+"""surgery/bench/surgery_cost.py: any registered model on meta (LLaMA-Adapter's 7B, a timm ViT), only
+the site is touched, memory adds up."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def model():
-    return sc.build(sc.CostConfig(), CPU)
+    return sc.build(sc.CostConfig("llama_adapter_v2_7b", ()), CPU)
 
 
 def test_only_the_sites_tensors_are_materialised(model):
@@ -112,3 +113,15 @@ def test_the_floor_makes_tensors_of_the_new_shape():
     assert torch.equal(made[0][:3], start["a"])  # kept rows copied
     drawn = real_empty(4).normal_(generator=torch.Generator().manual_seed(0))  # new rows: a seeded draw
     assert torch.equal(made[0][3:].reshape(-1), drawn)
+
+
+def test_any_registered_model_and_its_sites_only():
+    """The core names no model: a timm ViT is measured the same way, and a change naming no site of
+    the model is refused before anything is timed."""
+    vit = sc.build(sc.CostConfig("vit_tiny_reg_test", (("reg_tokens", 4),)), CPU)
+    real = {name for name, t in sc._all_tensors(vit).items() if t.device.type != "meta"}
+    assert real == {"reg_token"}  # registers own no pos_embed rows in timm
+    [swap] = [r for r in sc.measure_change(vit, "reg_tokens", 4, CPU, 1, repeats=1) if r.action == "tokens swap"]
+    assert swap.other_tensors_touched == 0 and swap.change == "2 -> 4"
+    with pytest.raises(sc.BenchmarkError, match="'query_len', not a site of 'vit_tiny_reg_test'; its sites: "):
+        sc.build(sc.CostConfig("vit_tiny_reg_test", (("query_len", 4),)), CPU)

@@ -26,8 +26,11 @@ ratios ours/floor (decode) and upstream/ours (decode and prefill), with the targ
 LLaMA-Adapter issue where it sets one. A point is `noisy`, and claims neither met nor not met,
 when ours is faster than the no-adapter floor (it does the floor's work plus the adapter's, so only
 noise can put it below) or when a decode timing's spread, (p80 - p20) / p50, exceeds NOISY_SPREAD;
-`noise` says which. ImageBind's embedding throughput is added to the report when its benchmark
-(benchmarks/imagebind_embed.py) is present (`imagebind_rows`).
+`noise` says which.
+
+All three paths are the model's own code: `forward_inference` with cached adapter keys/values
+(ours) or without (upstream), and its LLaMA's `forward_layers` with no adapter (the floor). Timing,
+the run's environment, tables and plots are the core's (`surgery.bench.timing`, `.report`).
 
 Plots: `e2e_decode_<dtype>.png`, decode tokens/s of each path at every point (grouped bars, any
 grid, --quick included), and `e2e_decode_<dtype>_b<batch>.png`, tokens/s against query_len, where
@@ -36,25 +39,21 @@ a batch has two query_lens or more.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from . import BenchmarkError, OutputMismatchError, report
-from .timing import Budget, Timing, resolve_device, set_threads, time_many
+from surgery.bench import BenchmarkError, OutputMismatchError, report
+from surgery.bench.timing import Budget, Timing, resolve_device, set_threads, time_many
 
 PATHS = ("floor", "ours", "upstream")
 # (query_len, batch): (max decode ours/floor, min decode upstream/ours), from the LLaMA-Adapter issue
 TARGETS = {(10, 1): (1.10, 1.2), (64, 4): (1.20, 2.0)}
 # a decode timing whose (p80 - p20) / p50 exceeds this is too noisy to judge a 10% target with
 NOISY_SPREAD = 0.10
-REPO = Path(__file__).resolve().parents[2]
-IMAGEBIND_SCRIPT = REPO / "benchmarks" / "imagebind_embed.py"
 
 
 @dataclass
@@ -69,7 +68,6 @@ class E2EConfig:
     check_tokens: int = 4  # greedy tokens compared between ours and upstream
     threads: Optional[int] = None
     budget: Optional[Budget] = None
-    imagebind: Optional[bool] = None  # run benchmarks/imagebind_embed.py (None: yes, except with --quick)
 
     @property
     def prompt(self) -> int:
@@ -144,8 +142,6 @@ class E2EPoint:
 class E2EResults:
     rows: list[E2ERow] = field(default_factory=list)
     points: list[E2EPoint] = field(default_factory=list)
-    imagebind: list[dict] = field(default_factory=list)
-    imagebind_note: str = ""
     env: dict = field(default_factory=dict)
 
 
@@ -153,16 +149,9 @@ class E2EResults:
 
 
 def floor_forward(llama: torch.nn.Module, tokens: torch.Tensor, start_pos: int, kv_caches: list) -> torch.Tensor:
-    """The adapter model's LLaMA with no adapter, exactly as `forward_inference` runs it (logits of
-    the last position only), so the floor does the same work minus the adapter."""
-    from surgery_plugins.llama_adapter.llama import causal_mask
-
-    T = tokens.shape[1]
-    h = llama.tok_embeddings(tokens)  # (B, T, D)
-    rope = llama.rope(start_pos, T, h.device)
-    mask = causal_mask(start_pos, T, h.dtype, h.device)
-    for i, layer in enumerate(llama.layers):
-        h = layer(h, start_pos, rope, mask, kv_cache=kv_caches[i])
+    """The adapter model's LLaMA with no adapter, finished as `forward_inference` finishes (logits
+    of the last position only), so the floor does the same work minus the adapter."""
+    h = llama.forward_layers(llama.tok_embeddings(tokens), start_pos, kv_caches=kv_caches)  # (B, T, D)
     return llama.output(llama.norm(h[:, -1, :])).float()  # (B, V)
 
 
@@ -281,77 +270,25 @@ def run(config: E2EConfig, progress: bool = False) -> E2EResults:
     dtypes, points = config.dtype_list(), config.points()
     results = E2EResults(env=report.environment(device, threads, model=config.model, prompt_len=config.prompt,
                                                 quick=config.quick))
-    bar = _bar(len(dtypes) * len(points), progress)
-    for dtype in dtypes:
-        model = build(config, dtype, device)
+    model, built = None, None
+    for dtype, (query_len, batch) in report.progress_bar(list(product(dtypes, points)), show=progress, desc="e2e",
+                                                         unit="point"):
+        if built != dtype:
+            model, built = None, dtype  # the previous dtype's model is freed before the next is built
+            model = build(config, dtype, device)
         name = str(dtype).removeprefix("torch.")
-        for query_len, batch in points:
-            surgery.resize(model, query_len=query_len, init="normal")
-            images, prompts = inputs(model, batch, config.prompt, device, dtype)
-            check = check_tokens(model, images, prompts, config.check_tokens,
-                                 f"{config.model} {name} query_len={query_len} batch={batch}")
-            t = time_point(model, images, prompts, device, budget, threads)
-            for path in PATHS:
-                pre, dec = t[f"{path}.prefill"], t[f"{path}.decode"]
-                results.rows.append(E2ERow(name, query_len, batch, path, config.prompt, str(device), threads,
-                                           pre.p20_ms, pre.p50_ms, pre.p80_ms, dec.p20_ms, dec.p50_ms, dec.p80_ms,
-                                           batch / (dec.p50_ms * 1e-3), dec.method))
-            results.points.append(make_point(name, query_len, batch, check, t))
-            bar.update(1)
-        del model
-    bar.close()
+        surgery.resize(model, query_len=query_len, init="normal")
+        images, prompts = inputs(model, batch, config.prompt, device, dtype)
+        check = check_tokens(model, images, prompts, config.check_tokens,
+                             f"{config.model} {name} query_len={query_len} batch={batch}")
+        t = time_point(model, images, prompts, device, budget, threads)
+        for path in PATHS:
+            pre, dec = t[f"{path}.prefill"], t[f"{path}.decode"]
+            results.rows.append(E2ERow(name, query_len, batch, path, config.prompt, str(device), threads,
+                                       pre.p20_ms, pre.p50_ms, pre.p80_ms, dec.p20_ms, dec.p50_ms, dec.p80_ms,
+                                       batch / (dec.p50_ms * 1e-3), dec.method))
+        results.points.append(make_point(name, query_len, batch, check, t))
     return results
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="e2e", unit="point", leave=False, dynamic_ncols=True)
-
-
-# -- ImageBind -----------------------------------------------------------------------------------
-
-
-def imagebind_rows(out: Path, quick: bool, device: torch.device, script: Path = IMAGEBIND_SCRIPT,
-                   timeout: float = 1800) -> tuple[list[dict], str]:
-    """Run the ImageBind embedding benchmark (a separate script, from the ImageBind issue) with
-    `--out DIR` and read the JSON rows it writes: (rows, note). No script: ([], why)."""
-    if not script.is_file():
-        return [], f"not measured: {script.relative_to(REPO) if script.is_relative_to(REPO) else script} is absent"
-    folder = Path(out) / "imagebind"
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                                  timeout=120).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return [], f"not measured: {script.name} --help failed ({exc})"
-    command = [sys.executable, str(script), "--out", str(folder)]
-    if quick and "--quick" in helptext:
-        command.append("--quick")
-    if "--device" in helptext:
-        command += ["--device", str(device)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return [], f"not measured: {' '.join(command[1:])} failed ({exc})"
-    if done.returncode != 0:
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        return [], f"not measured: {script.name} exited with {done.returncode}: {tail[:400]}"
-    rows: list[dict] = []
-    for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows += data["rows"] if isinstance(data, dict) and "rows" in data else (data if isinstance(data, list) else [])
-    return rows, f"{len(rows)} rows from {script.name}" if rows else f"{script.name} wrote no JSON rows"
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -395,48 +332,33 @@ def summary_markdown(results: E2EResults) -> str:
     return text
 
 
-def imagebind_markdown(rows: Sequence[dict], note: str) -> str:
-    if not rows:
-        return note
-    keys = [k for k in rows[0] if k not in report.ENV_FIELDS]
-    return note + "\n\n" + report.markdown_table(keys, [[r.get(k) for k in keys] for r in rows])
-
-
 def write(results: E2EResults, out: Path) -> list[Path]:
     out = Path(out)
     files = report.write_table(out, "e2e", [r.to_dict() for r in results.rows], results.env)
     files += report.write_table(out, "e2e_points", [p.to_dict() for p in results.points], results.env)
-    if results.imagebind:
-        files += report.write_table(out, "imagebind", results.imagebind, results.env)
     for dtype in dict.fromkeys(r.dtype for r in results.rows):
         mine = [r for r in results.rows if r.dtype == dtype]
         points = list(dict.fromkeys((r.query_len, r.batch) for r in mine))
         tok_s = {(r.query_len, r.batch, r.path): r.decode_tokens_per_s for r in mine}
-        files.append(report.plot_bars([f"q={q} b={b}" for q, b in points],
-                                      {path: [tok_s[(q, b, path)] for q, b in points] for path in PATHS},
-                                      out / f"e2e_decode_{dtype}.png",
-                                      f"decode tokens/s, {results.env['device_name']}, {dtype}", "tokens/s"))
+        plots = [report.plot_bars([f"q={q} b={b}" for q, b in points],
+                                  {path: [tok_s[(q, b, path)] for q, b in points] for path in PATHS},
+                                  out / f"e2e_decode_{dtype}.png",
+                                  f"decode tokens/s, {results.env['device_name']}, {dtype}", "tokens/s")]
         for batch in dict.fromkeys(r.batch for r in mine):
             at_batch = [r for r in mine if r.batch == batch]
             if len({r.query_len for r in at_batch}) < 2:
                 continue  # one point is not a line (the bars above show it)
             series = {path: [(r.query_len, r.decode_tokens_per_s) for r in at_batch if r.path == path]
                       for path in PATHS}
-            files.append(report.plot_lines(series, out / f"e2e_decode_{dtype}_b{batch}.png",
+            plots.append(report.plot_lines(series, out / f"e2e_decode_{dtype}_b{batch}.png",
                                            f"decode tokens/s, {results.env['device_name']}, {dtype}, batch {batch}",
                                            "query_len", "tokens/s", logx=True))
-    sections = [("LLaMA-Adapter V2 generation", summary_markdown(results)),
-                ("ImageBind embedding throughput", imagebind_markdown(results.imagebind, results.imagebind_note))]
+        files += [p for p in plots if p is not None]  # None: matplotlib is not installed
+    sections = [("LLaMA-Adapter V2 generation", summary_markdown(results))]
     files.append(report.write_summary(out, "End-to-end benchmarks", sections, results.env, files))
     return files
 
 
 def main(config: E2EConfig, out: Path, progress: bool = True) -> tuple[E2EResults, list[Path]]:
     results = run(config, progress=progress)
-    wanted = config.imagebind if config.imagebind is not None else not config.quick
-    if wanted:
-        results.imagebind, results.imagebind_note = imagebind_rows(out, config.quick, resolve_device(config.device))
-    else:  # its quick run alone takes ~45 s on a 2-core CPU: not part of a quick run unless asked
-        results.imagebind_note = "not measured: " + ("--no-imagebind" if config.imagebind is False
-                                                     else "--quick without --imagebind")
     return results, write(results, out)

@@ -1,8 +1,8 @@
 """Where the time goes in one LLaMA-Adapter V2 generation (`surgery profile`).
 
-Runs `generate_tokens` (greedy, this project's path) under `torch.profiler` with a labelled range
-around each stage, writes a Chrome / Perfetto trace (open it in https://ui.perfetto.dev or
-chrome://tracing) and prints the top operators by self time and the time of each stage.
+Runs `generate_tokens` (greedy, this project's path) under `torch.profiler`, writes a Chrome /
+Perfetto trace (open it in https://ui.perfetto.dev or chrome://tracing) and prints the top
+operators by self time and the time of each stage.
 
 Stages (record_function ranges; on GPU also NVTX ranges, for Nsight Systems):
     visual_path         forward_visual: everything from images to visual queries, containing
@@ -14,9 +14,13 @@ Stages (record_function ranges; on GPU also NVTX ranges, for Nsight Systems):
     decode_step_<i>     each decoding step, containing
       adapter_attention   the gated adapter branch of each adapted layer (fused op)
 
-The ranges are installed without changing the model: forward hooks on its modules, an instance
-attribute shadowing `forward_inference` and `forward_visual`, and the fused ops of `surgery.ops`
-(which the model looks up at call time) wrapped for the duration of the run. All are removed after.
+Nothing is patched. The fused ops are torch ops: the profiler records each call as
+`surgery::<op>` (`surgery::<op>_triton` on the Triton backend) by itself; the eager backend runs
+plain torch and has no such event, so those stages are absent under SURGERY_KERNEL=eager. The
+other ranges are opened and closed by torch's module hooks (`register_forward_pre_hook`,
+`register_forward_hook`) on the model's own modules, removed after the run: the CLIP tower, the
+visual blocks, and each forward pass of the language model (from its token embedding to its
+output layer: the first is the prefill, the others decoding steps).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from . import BenchmarkError
-from .timing import resolve_device, set_threads
+from surgery.bench import BenchmarkError
+from surgery.bench.timing import resolve_device, set_threads
 
 STAGES = ("visual_path", "visual_encoder", "query_concat", "visual_blocks", "adapter_add", "prefill",
           "adapter_attention")
@@ -59,7 +63,7 @@ class ProfileResult:
     tokens: list[list[int]] = field(default_factory=list)
 
 
-class _Ranges:
+class Ranges:
     """Open/close named ranges: a torch.profiler record_function, plus NVTX on GPU."""
 
     def __init__(self, nvtx: bool) -> None:
@@ -86,52 +90,39 @@ class _Ranges:
         finally:
             self.pop()
 
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self.range(name):
-                return fn(*args, **kwargs)
-
-        wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
-        return wrapped
-
 
 @contextlib.contextmanager
-def labelled_stages(model: nn.Module, ranges: _Ranges) -> Iterator[None]:
-    """Install the stage ranges on `model` and on surgery.ops; remove them all afterwards."""
-    from .. import ops
-
+def labelled_stages(model: nn.Module, ranges: Ranges) -> Iterator[None]:
+    """Open and close the module stages' ranges with forward hooks on `model`; removed afterwards."""
     handles = []
+    passes = [0]  # forward passes of the language model so far: 0 is the prefill
 
-    def around(module: nn.Module, name: str, last: Optional[nn.Module] = None) -> None:
-        handles.append(module.register_forward_pre_hook(lambda m, a: ranges.push(name)))
-        handles.append((last or module).register_forward_hook(lambda m, a, o: ranges.pop()))
+    def around(first: nn.Module, last: nn.Module, name: Callable[[], str]) -> None:
+        handles.append(first.register_forward_pre_hook(lambda m, a: ranges.push(name())))
+        handles.append(last.register_forward_hook(lambda m, a, o: ranges.pop()))
 
-    around(model.clip, "visual_encoder")
-    if len(model.visual_blocks):
-        around(model.visual_blocks[0], "visual_blocks", model.visual_blocks[-1])
-    originals = {name: getattr(ops, name) for name in ("query_concat", "adapter_add", "adapter_attention")}
-    calls = {"forward_inference": 0}
-    forward_inference = model.forward_inference
-
-    def labelled_forward(visual_query: torch.Tensor, tokens: torch.Tensor, start_pos: int, **kwargs: Any):
-        step = calls["forward_inference"]
-        calls["forward_inference"] += 1
-        with ranges.range("prefill" if step == 0 else f"decode_step_{step}"):
-            return forward_inference(visual_query, tokens, start_pos, **kwargs)
+    def language_pass() -> str:
+        passes[0] += 1
+        return "prefill" if passes[0] == 1 else f"decode_step_{passes[0] - 1}"
 
     try:
-        for name, fn in originals.items():
-            setattr(ops, name, ranges.wrap(name, fn))
-        model.forward_visual = ranges.wrap("visual_path", model.forward_visual)
-        model.forward_inference = labelled_forward
+        around(model.clip, model.visual_proj_norm, lambda: "visual_path")  # forward_visual's first and last
+        around(model.clip, model.clip, lambda: "visual_encoder")
+        if len(model.visual_blocks):
+            around(model.visual_blocks[0], model.visual_blocks[-1], lambda: "visual_blocks")
+        around(model.llama.tok_embeddings, model.llama.output, language_pass)
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(ops, name, fn)
-        for attr in ("forward_visual", "forward_inference"):
-            model.__dict__.pop(attr, None)
         for h in handles:
             h.remove()
+
+
+def stage_name(event_name: str) -> str:
+    """The stage an event belongs to: a fused op's torch op (`surgery::adapter_add`,
+    `surgery::adapter_add_triton`) is its op's stage; a range keeps its name."""
+    if event_name.startswith("surgery::"):
+        return event_name.removeprefix("surgery::").removesuffix("_triton")
+    return event_name
 
 
 def _self_time_key(device: torch.device) -> str:
@@ -142,7 +133,7 @@ def stage_times(events: Any) -> list[dict]:
     """{name, calls, total_ms, mean_ms} of every labelled range, in the order of STAGES then steps."""
     totals: dict[str, list[float]] = {}
     for e in events:
-        name = e.name
+        name = stage_name(e.name)
         if name in STAGES or name.startswith("decode_step_"):
             totals.setdefault(name, []).append(e.cpu_time_total / 1e3)  # us -> ms, wall time on the CPU side
     order = [s for s in STAGES if s in totals]
@@ -173,7 +164,7 @@ def run(config: ProfileConfig, out: Path) -> ProfileResult:
                for _ in range(config.batch)]
     model.generate_tokens(images, prompts, max_gen_len=2, temperature=0)  # warm-up: lazy init, first-touch
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    ranges = _Ranges(nvtx=device.type == "cuda")
+    ranges = Ranges(nvtx=device.type == "cuda")
     with labelled_stages(model, ranges), profile(activities=activities, record_shapes=config.record_shapes) as prof:
         with ranges.range("generate"):
             tokens = model.generate_tokens(images, prompts, max_gen_len=config.steps, temperature=0)

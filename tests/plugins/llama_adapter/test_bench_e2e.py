@@ -1,21 +1,27 @@
-"""surgery/bench/e2e.py on the tiny LLaMA-Adapter V2: tokens checked first and carried, rows
-consistent, noisy points claim nothing, every grid gets its plot."""
+"""plugins/llama_adapter/bench_e2e.py (`surgery bench e2e`) on the tiny LLaMA-Adapter V2: tokens
+checked first and carried, rows consistent, noisy points claim nothing, every grid gets its plot."""
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import pytest
 import torch
 
 import surgery
-from surgery.bench import BenchmarkError, OutputMismatchError, e2e
-from surgery.bench.e2e import E2EConfig, TokenCheck
-from surgery.bench.timing import Timing
+import surgery_plugins.llama_adapter.bench_e2e as e2e
+from surgery.bench import BenchmarkError, OutputMismatchError
+from surgery.bench.timing import Budget, Timing
+from surgery_plugins.llama_adapter.bench_e2e import E2EConfig, TokenCheck
 
 TINY = "llama_adapter_v2_tiny"
+
+
+@pytest.fixture
+def tiny_budget() -> Budget:
+    """One round of a few milliseconds: enough to exercise the code, not to measure anything."""
+    return Budget(rounds=1, min_run_time=0.002, warmup_runs=1, warmup_ms=1.0, rep_ms=2.0)
 
 
 def test_grids():
@@ -58,7 +64,7 @@ def test_paths_that_disagree_are_refused_before_timing(monkeypatch):
 
 def test_run_and_write(tmp_path, tiny_budget):
     config = E2EConfig(model=TINY, dtypes=("float32",), query_lens=(1, 3), batches=(1, 2), prompt_len=6,
-                       threads=1, budget=tiny_budget, imagebind=False)
+                       threads=1, budget=tiny_budget)
     results = e2e.run(config)
     assert [(r.query_len, r.batch, r.path) for r in results.rows] == [
         (q, b, p) for q in (1, 3) for b in (1, 2) for p in e2e.PATHS]
@@ -73,14 +79,13 @@ def test_run_and_write(tmp_path, tiny_budget):
         assert p.speedup_vs_upstream == pytest.approx(ms["upstream"].decode_ms_p50 / ms["ours"].decode_ms_p50)
         assert p.met is None  # no target at these points
     assert surgery.counts(surgery.build(TINY))["query_len"] == 3  # built fresh, untouched by the run
-    results.imagebind_note = "not measured: test"
     files = {f.name for f in e2e.write(results, tmp_path)}
     assert {"e2e.csv", "e2e.json", "e2e_points.csv", "e2e_points.json", "summary.md", "e2e_decode_float32.png",
             "e2e_decode_float32_b1.png", "e2e_decode_float32_b2.png"} == files
     rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
     assert len(rows) == 12 and {"git_commit", "device_name", "torch", "timestamp"} <= set(rows[0])
     summary = (tmp_path / "summary.md").read_text()
-    assert "ImageBind" in summary and "not measured: test" in summary
+    assert "LLaMA-Adapter V2 generation" in summary and "identical at 4 of 4 points" in summary
 
 
 def test_targets_are_judged(tiny_budget):
@@ -141,8 +146,7 @@ def test_points_carry_the_token_checks_result(monkeypatch):
     monkeypatch.setattr(e2e, "compare_tokens", lambda model, images, prompts, n: next(checks))
     timed = []
     monkeypatch.setattr(e2e, "time_point", lambda *args: timed.append(args) or fake_times())
-    config = E2EConfig(model=TINY, dtypes=("float32",), query_lens=(3,), batches=(2,), prompt_len=4, threads=1,
-                       imagebind=False)
+    config = E2EConfig(model=TINY, dtypes=("float32",), query_lens=(3,), batches=(2,), prompt_len=4, threads=1)
     [point] = e2e.run(config).points
     assert point.tokens_identical is True and point.tokens_compared == 4
     with pytest.raises(OutputMismatchError, match=r"differ \(\[\[5, 6, 7\], \[8\]\] vs \[\[5, 6, 9\], \[8\]\]\)"):
@@ -171,26 +175,3 @@ def test_quick_writes_its_plot_and_flags_noisy_points(monkeypatch, tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "| - (noisy) |" in summary and "**yes**: ours faster than the no-adapter floor" in summary
     assert "identical at 2 of 2 points (20 tokens)" in summary and "`e2e_decode_float32.png`" in summary
-
-
-def test_imagebind_hook_reads_the_rows_its_script_writes(tmp_path):
-    script = tmp_path / "imagebind_embed.py"
-    script.write_text(
-        "import argparse, json, pathlib\n"
-        "p = argparse.ArgumentParser(); p.add_argument('--out'); p.add_argument('--quick', action='store_true')\n"
-        "a = p.parse_args()\n"
-        "rows = [{'modality': 'vision', 'batch': 1, 'items_per_s': 10.0, 'quick': a.quick}]\n"
-        "pathlib.Path(a.out, 'x.json').write_text(json.dumps({'rows': rows}))\n")
-    rows, note = e2e.imagebind_rows(tmp_path / "out", True, torch.device("cpu"), script=script)
-    assert rows == [{"modality": "vision", "batch": 1, "items_per_s": 10.0, "quick": True}]
-    assert "1 rows" in note
-    assert "| vision |" in e2e.imagebind_markdown(rows, note)
-
-
-def test_imagebind_hook_without_its_script_or_when_it_fails(tmp_path):
-    rows, note = e2e.imagebind_rows(tmp_path, False, torch.device("cpu"), script=tmp_path / "absent.py")
-    assert rows == [] and "absent" in note
-    failing = tmp_path / "fail.py"
-    failing.write_text("import sys\nprint('no weights here', file=sys.stderr)\nsys.exit(3)\n")
-    rows, note = e2e.imagebind_rows(tmp_path, False, torch.device("cpu"), script=failing)
-    assert rows == [] and "exited with 3" in note and "no weights here" in note

@@ -298,6 +298,7 @@ setup(
         "surgery.commands": [
             "llama_adapter_v2 = surgery_plugins.llama_adapter.commands",
             "imagebind = surgery_plugins.imagebind.commands",
+            "imagebind_llm = surgery_plugins.imagebind_llm.commands",
         ],
         "pytest11": ["surgery = surgery.testing"],
     },

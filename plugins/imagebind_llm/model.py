@@ -278,9 +278,10 @@ class ImageBindLLM(nn.Module):
     def generate_tokens(self, inputs: Mapping[str, Any], prompts: Sequence[Prompt], max_gen_len: int = 256,
                         temperature: float = 0.1, top_p: float = 0.75, cache_size: int = 10,
                         cache_t: float = 20.0, cache_weight: float = 0.5, *, cache_adapter: bool = True,
-                        generator: Optional[torch.Generator] = None,
-                        eos_id: Optional[int] = None) -> list[list[int]]:
-        """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`."""
+                        generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
+                        on_token: Optional[Any] = None) -> list[list[int]]:
+        """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`;
+        `on_token(tokens (B,), generated (B,))` sees every position as it is decoded (`llama.decode`)."""
         prompts = [self._encode_prompt(p) for p in prompts]
         visual = self.forward_visual(inputs, cache_size, cache_t, cache_weight)  # (B, K, D)
         if visual.shape[0] != len(prompts):
@@ -297,7 +298,7 @@ class ImageBindLLM(nn.Module):
         pad = self.tokenizer.pad_id if self.tokenizer is not None else -1
         return decode(step, prompts, max_seq_len=self.config.max_seq_len, max_gen_len=max_gen_len,
                       temperature=temperature, top_p=top_p, device=visual.device, generator=generator,
-                      eos_id=eos_id, pad_id=pad)
+                      eos_id=eos_id, pad_id=pad, on_token=on_token)
 
     @torch.inference_mode()
     def generate(self, inputs: Mapping[str, Any], prompts: Sequence[Prompt], max_gen_len: int = 256,

@@ -1,4 +1,8 @@
-"""LLaMA-Adapter V2's commands: `surgery bench e2e` (generation end to end) and `surgery profile`.
+"""LLaMA-Adapter V2's commands: `surgery generate`, `surgery bench e2e` (generation end to end) and
+`surgery profile`.
+
+`surgery generate` runs every model family that generates through this plugin's loop: its own
+(`GENERATION_FAMILY` below) and those other plugins' command modules declare (`generation.py`).
 
 This is the plugin's command module (entry point `surgery.commands`, the same name as its backbone
 entry, `llama_adapter_v2`). Every `surgery` call imports it, `--help` included, so at module level
@@ -13,6 +17,8 @@ import surgery
 from surgery.cli.arguments import int_list
 from surgery.cli.bench import add_common_options, finish, output_folder
 from surgery.commands import UsageError
+
+from .generation import Family
 
 DEFAULT_MODEL = "llama_adapter_v2_bench"
 
@@ -97,8 +103,35 @@ def check_model(name: str, command: str) -> None:
                          f"{backbone!r}. --model takes one of: {usable}")
 
 
+def add_family_arguments(group) -> None:
+    group.add_argument("--clip", metavar="FILE", help="official files: OpenAI CLIP ViT-L/14's image tower "
+                       "(visual.* keys, .pth or .safetensors)")
+    group.add_argument("--v-num-heads", type=int, metavar="N", help="the visual blocks' heads, which the weights "
+                       "cannot tell (default: the checkpoint's config, else 16)")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    from .generation import add_arguments
+
+    add_arguments(p)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .generate import run
+
+    return run(args)
+
+
+GENERATION_FAMILY = Family(name="LLaMA-Adapter V2", backbone="llama_adapter_v2", modalities=("image",), mixes=False,
+                           encoder_option="--clip", functions=__package__ + ".generate_family",
+                           add_arguments=add_family_arguments)
+
+
 @surgery.hookimpl
 def surgery_register_commands(register):
+    register("generate", run_generate, help="generate text with LLaMA-Adapter V2 or ImageBind-LLM (streamed)",
+             description="Generate text, streamed as it is decoded (see the options)",
+             add_arguments=add_generate_arguments)
     register("e2e", run_e2e, group="bench", description=E2E_DESCRIPTION, add_arguments=add_e2e_arguments,
              help="LLaMA-Adapter V2 prefill / decode: ours, upstream's path, the no-adapter floor")
     register("profile", run_profile, help="profile a LLaMA-Adapter V2 generation (trace, top ops, stages)",

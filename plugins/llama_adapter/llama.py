@@ -403,7 +403,7 @@ class Transformer(nn.Module):
 def decode(step: Callable[[Tensor, int], Tensor], prompts: Sequence[Sequence[int]], *, max_seq_len: int,
            max_gen_len: int, temperature: float, top_p: float, device: torch.device | str,
            generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
-           pad_id: int = -1) -> list[list[int]]:
+           pad_id: int = -1, on_token: Optional[Callable[[Tensor, Tensor], None]] = None) -> list[list[int]]:
     """Upstream's generation loop over token ids: the generated ids of each prompt (prompt
     removed, cut at EOS).
 
@@ -413,6 +413,11 @@ def decode(step: Callable[[Tensor, int], Tensor], prompts: Sequence[Sequence[int
     call for all rows; positions inside a prompt keep the prompt's token. Greedy when temperature
     == 0, else temperature + top-p (`generator` makes it reproducible). Beyond upstream: any batch
     size, and the loop stops once every row has produced EOS.
+
+    `on_token(tokens (B,), generated (B,) bool)` is called after every position with its token per
+    row and whether it was generated (False: still inside that row's prompt): a caller streams text
+    from it. Rows that already produced EOS keep being decoded until all have; their later tokens
+    are not part of the result.
     """
     B = len(prompts)
     if B == 0:
@@ -441,6 +446,8 @@ def decode(step: Callable[[Tensor, int], Tensor], prompts: Sequence[Sequence[int
         generated = ~input_text_mask[:, cur_pos]
         next_token = torch.where(generated, next_token, tokens[:, cur_pos])
         tokens[:, cur_pos] = next_token
+        if on_token is not None:
+            on_token(next_token, generated)
         if eos_id is not None:
             done |= generated & (next_token == eos_id)
             if bool(done.all()):

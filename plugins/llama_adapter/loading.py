@@ -34,6 +34,7 @@ model is never materialised twice (peak: the files' tensors, plus one tensor bei
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zipfile
@@ -47,6 +48,7 @@ from surgery.checkpoint import _listing, _read_torch, _write_atomically, read_ch
 from surgery.errors import CheckpointError, UnsafeCheckpointError
 
 LLAMA = "llama."  # where the LLaMA backbone sits in LLaMA_adapter's state dict (upstream and ours)
+LOG = logging.getLogger(__name__)  # one INFO line per file read (`surgery generate` shows them on stderr)
 
 RELEASE_URL = "https://github.com/OpenGVLab/LLaMA-Adapter/releases/download/"
 RELEASES = {  # upstream `_MODELS`: nothing is downloaded here; the names only make errors helpful
@@ -245,7 +247,9 @@ def read_base_shards(folder: Path, n_layers: int) -> tuple[dict[str, torch.Tenso
                               f"{len(files) - 1:02d}.pth in sequence: found {', '.join(f.name for f in files)}")
     expected = set(base_keys(n_layers))
     shards = []
-    for file in files:
+    for number, file in enumerate(files, 1):
+        LOG.info("reading LLaMA weights %s (shard %d of %d, %.2f GB)", file, number, len(files),
+                 file.stat().st_size / 1e9)
         shard, _ = read_checkpoint(file)
         for key in [k for k in shard if _IGNORED_BASE.match(k)]:
             del shard[key]

@@ -357,8 +357,9 @@ class LLaMAAdapter(nn.Module):
     def generate_tokens(self, imgs: Tensor, prompts: Sequence[Prompt], max_gen_len: int = 256,
                         temperature: float = 0.1, top_p: float = 0.75, cache_adapter: bool = True,
                         generator: Optional[torch.Generator] = None,
-                        eos_id: Optional[int] = None) -> list[list[int]]:
-        """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`."""
+                        eos_id: Optional[int] = None, on_token: Optional[Any] = None) -> list[list[int]]:
+        """The generated ids of each prompt (prompt removed, cut at EOS). See `generate`;
+        `on_token(tokens (B,), generated (B,))` sees every position as it is decoded (`llama.decode`)."""
         prompts = [self._encode(p) for p in prompts]
         if len(prompts) == 0 or len(imgs) != len(prompts):
             raise ModelInputError(f"{len(imgs)} images for {len(prompts)} prompts: one image per prompt")
@@ -376,7 +377,7 @@ class LLaMAAdapter(nn.Module):
         pad = self.tokenizer.pad_id if self.tokenizer is not None else -1  # never embedded
         return decode(step, prompts, max_seq_len=self.config.max_seq_len, max_gen_len=max_gen_len,
                       temperature=temperature, top_p=top_p, device=device, generator=generator,
-                      eos_id=eos_id, pad_id=pad)
+                      eos_id=eos_id, pad_id=pad, on_token=on_token)
 
     @torch.inference_mode()
     def generate(self, imgs: Tensor, prompts: Sequence[Prompt], max_gen_len: int = 256,

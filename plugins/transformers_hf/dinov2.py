@@ -17,7 +17,15 @@ from torch import nn
 
 from surgery.site import TokenSite, TokenTensor
 
-from .common import build, config_counters, fixed_count, fixed_site, images, module_counters, tensors_of
+from .common import (
+    build,
+    config_counters,
+    fixed_count,
+    fixed_site,
+    images,
+    module_counters,
+    tensors_of,
+)
 
 BACKBONE = "hf_dinov2_registers"
 CLASS_NOTE = ("transformers' DINOv2 always has one class token: the pooler and classifier read position 0 and "

@@ -137,7 +137,11 @@ def model_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     (its conversion table; transformers 4, which keeps module names in files, renames nothing)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
     except ImportError:
         return {k: k for k in keys}
     transforms = get_model_conversion_mapping(model)

@@ -71,7 +71,8 @@ def sites(model: nn.Module) -> list[TokenSite]:
             name=name,
             count=count,
             tensors=[rows],
-            counters=[Counter(config, "num_virtual_tokens"), Counter(embedding, "num_embeddings", lambda n, b=blocks: n * b)],
+            counters=[Counter(config, "num_virtual_tokens"),
+                      Counter(embedding, "num_embeddings", lambda n, b=blocks: n * b)],
             min=1, max=high, default_init="normal", note="; ".join(filter(None, [MIN_NOTE, note])),
             description=f"adapter {adapter!r}'s {config.peft_type.value.lower().replace('_', ' ')} virtual tokens; "
                         f"peft_config[{adapter!r}].num_virtual_tokens",

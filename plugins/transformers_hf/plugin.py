@@ -2,9 +2,9 @@
 
 | backbone | models | sites |
 |---|---|---|
-| `hf_dinov2_registers` | Dinov2WithRegisters{Model, ForImageClassification, Backbone} | `num_register_tokens`; `class_token` fixed |
-| `hf_blip2` | Blip2{Model, ForConditionalGeneration, ForImageTextRetrieval, VisionModelWithProjection}, InstructBlip{Model, ForConditionalGeneration} | `num_query_tokens` |
-| `hf_detr` | Detr / ConditionalDetr {Model, ForObjectDetection, ForSegmentation} | `num_queries` |
+| `hf_dinov2_registers` | Dinov2WithRegisters: Model, classifier, Backbone | `num_register_tokens` (`class_token` fixed) |
+| `hf_blip2` | BLIP-2 (4 classes) and InstructBLIP (2) with query tokens | `num_query_tokens` |
+| `hf_detr` | DETR / Conditional DETR: Model, ForObjectDetection, ForSegmentation | `num_queries` |
 | `hf_vit` | ViT / DeiT models | `class_token`, `distillation_token`: fixed |
 | `hf_peft_prompt` | PeftModel with prompt- or prefix-tuning adapters | `num_virtual_tokens` |
 
@@ -104,7 +104,8 @@ def surgery_register_backbones(register):
 
 @hookimpl
 def surgery_register_models(register):
-    families = [(b, f) for b, (f, _) in FAMILIES.items()] + ([(peft_prompts.BACKBONE, peft_prompts)] if HAS_PEFT else [])
+    families = [(b, f) for b, (f, _) in FAMILIES.items()]
+    families += [(peft_prompts.BACKBONE, peft_prompts)] if HAS_PEFT else []
     for backbone, family in families:
         for name, (factory, inputs, forward, description) in family.MODELS.items():
             register(name, factory, backbone, description=description, example_inputs=inputs, forward=forward,

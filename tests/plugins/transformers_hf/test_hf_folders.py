@@ -12,11 +12,11 @@ hf = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import torch  # noqa: E402
+from surgery_plugins.transformers_hf import blip2, detr, dinov2, peft_prompts, vit  # noqa: E402
+from surgery_plugins.transformers_hf.folders import model_from_folder  # noqa: E402
 
 import surgery  # noqa: E402
 from surgery.errors import CheckpointError  # noqa: E402
-from surgery_plugins.transformers_hf import blip2, detr, dinov2, peft_prompts, vit  # noqa: E402
-from surgery_plugins.transformers_hf.folders import model_from_folder  # noqa: E402
 
 IMAGES = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -184,7 +184,8 @@ def test_unsupported_or_broken_folders_are_refused_and_change_nothing(tmp_path):
     folder = _folder(tmp_path, json.loads(dinov2.tiny(2).config.to_json_string()))
     (folder / "model.safetensors").rename(folder / "elsewhere.bin")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../secret.safetensors"}}))
-    assert "shards must be .safetensors files in the folder itself" in _unchanged(model, lambda: surgery.load(folder, model))
+    refused = _unchanged(model, lambda: surgery.load(folder, model))
+    assert "shards must be .safetensors files in the folder itself" in refused
     # a folder of another class than the model: its keys do not fit, and the model stays as it was
     other = tmp_path / "vit"
     vit.tiny_vit().save_pretrained(other)

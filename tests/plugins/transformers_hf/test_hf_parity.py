@@ -9,11 +9,11 @@ hf = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import torch  # noqa: E402
+from surgery_plugins.transformers_hf import blip2, detr, dinov2, peft_prompts  # noqa: E402
+from surgery_plugins.transformers_hf.common import randomize_zero_tokens  # noqa: E402
 
 import surgery  # noqa: E402
 from surgery.errors import CountError  # noqa: E402
-from surgery_plugins.transformers_hf import blip2, detr, dinov2, peft_prompts  # noqa: E402
-from surgery_plugins.transformers_hf.common import randomize_zero_tokens  # noqa: E402
 
 
 def tensors(output):
@@ -111,7 +111,8 @@ BLIP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls, kind", BLIP_CASES, ids=lambda c: getattr(c, "__name__", None) or "-".join(map(str, c.values())))
+@pytest.mark.parametrize("cls, kind", BLIP_CASES,
+                         ids=lambda c: getattr(c, "__name__", None) or "-".join(map(str, c.values())))
 @pytest.mark.parametrize("target", [2, 7])
 def test_blip2_queries_match_transformers(cls, kind, target):
     def config(count):

@@ -8,11 +8,16 @@ import pytest
 hf = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from surgery_plugins.transformers_hf import vit  # noqa: E402
 
 import surgery  # noqa: E402
 from surgery.errors import CountError  # noqa: E402
-from surgery.testing import Subject, check_factory_deterministic, check_same_count_is_noop, check_something_to_check  # noqa: E402
-from surgery_plugins.transformers_hf import vit  # noqa: E402
+from surgery.testing import (  # noqa: E402
+    Subject,
+    check_factory_deterministic,
+    check_same_count_is_noop,
+    check_something_to_check,
+)
 
 
 @pytest.mark.parametrize("name, sites", [("hf_vit_tiny", {"class_token": 0}),
@@ -42,9 +47,8 @@ def test_every_change_is_refused_with_the_range_and_the_model_is_untouched(name,
     message = str(error.value)
     assert "at least 1, at most 1" in message and reason in message
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(CountError):
-        with surgery.tokens(model, **change):
-            pass
+    with pytest.raises(CountError), surgery.tokens(model, **change):
+        pass
 
 
 def test_the_factories_refuse_other_counts():

@@ -158,3 +158,26 @@ def test_a_prompt_longer_than_the_model_reads(tmp_path, monkeypatch, capsys):
                           "describe every detail " * 10, "--temperature", "0", "--max-new-tokens", "3"],
                          monkeypatch, capsys)
     assert code == 0, err
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in readme.split("```bash\n")[1:] if "surgery generate" in b.split("```")[0])
+    lines = [line for line in block.split("```")[0].splitlines() if line.strip()]
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for line in lines:
+        argv = shlex.split(line)
+        if argv[0] == "python":
+            assert subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, timeout=120).returncode == 0, line
+        else:
+            assert argv[:2] == ["surgery", "generate"], line
+            code, out, err = run(argv[2:], monkeypatch, capsys)
+            assert code == 0 and out.text.endswith("\n") and "tokens/s" in err, (line, err)
+            ran += 1
+    assert ran == 2

@@ -256,3 +256,17 @@ def test_peft_seq2seq_prompt_keeps_both_blocks():
     table = model.prompt_encoder["default"].embedding.weight.detach().clone()
     surgery.resize(model, num_virtual_tokens=2)
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, torch.cat([table[0:2], table[4:6]]))
+
+
+def test_peft_adapters_have_a_site_each():
+    model = _peft(4, "prompt", "opt")
+    model.add_adapter("short", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert {n: s.count for n, s in surgery.sites(model).items()} == \
+        {"num_virtual_tokens.default": 4, "num_virtual_tokens.short": 3}
+    default_rows = model.prompt_encoder["default"].embedding.weight.detach().clone()
+    surgery.resize(model, **{"num_virtual_tokens.short": 5})
+    assert model.peft_config["short"].num_virtual_tokens == 5 and len(model.prompt_tokens["short"]) == 5
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, default_rows)  # the other adapter untouched
+    model.set_adapter("short")
+    with torch.no_grad():
+        assert model(input_ids=IDS).logits.shape == (2, 5 + 6, peft_prompts.VOCAB)

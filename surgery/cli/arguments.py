@@ -63,6 +63,12 @@ def add_allow_large_flag(p: argparse.ArgumentParser) -> None:
                         "the file's tensors (plus 2**24): only for files you trust")
 
 
+def add_pretrained_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", action="store_true",
+                   help="load the model's released weights from where its plugin finds them on this machine "
+                        "(timm models: the Hugging Face cache, HF_HUB_CACHE / HF_HOME); nothing is downloaded")
+
+
 def add_set_option(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--set", action="append", type=site_count, metavar="SITE=N", required=required,
                    help="token count of a site, e.g. reg_tokens=4 (repeat for several sites)")

@@ -13,13 +13,15 @@ from typing import Any
 
 from surgery.commands import UsageError
 
-from .arguments import add_allow_large_flag, add_json_flag
+from .arguments import add_allow_large_flag, add_json_flag, add_pretrained_flag
 from .format import counts_text, format_sites, print_lines, recipe_lines, site_dicts
 
 DESCRIPTION = (
     "Show the backbone, token sites, counts, constraints and the tensors each site owns.\n"
-    "TARGET is a registered model name (see 'surgery models') or a checkpoint file\n"
-    "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).")
+    "TARGET is a registered model name (see 'surgery models'), a name a plugin resolves\n"
+    "(any timm ViT: timm/<name> or its plain timm name), or a checkpoint file\n"
+    "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).\n"
+    "A model name is built with random weights, or with --pretrained its released weights.")
 
 
 def add_model_option(p: argparse.ArgumentParser) -> None:
@@ -27,9 +29,10 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="TARGET", help="checkpoint file or registered model name")
+    p.add_argument("target", metavar="TARGET", help="checkpoint file or model name")
     add_model_option(p)
     add_allow_large_flag(p)
+    add_pretrained_flag(p)
     add_json_flag(p)
 
 
@@ -56,36 +59,60 @@ def open_checkpoint(path: str, model_name: str | None, allow_large: bool = False
     return model, metadata, name, source
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
 def looks_like_path(target: str) -> bool:
-    return os.sep in target or "/" in target or os.path.splitext(target)[1] in (
-        ".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+    return os.sep in target or "/" in target or os.path.splitext(target)[1] in CHECKPOINT_SUFFIXES
+
+
+def model_by_name(target: str, pretrained: bool, model_option: str | None = None) -> tuple[Any, str, str | None]:
+    """(model, where it came from, the weights file or None) for TARGET that is not a file: a model
+    name, registered or resolved by a plugin (`timm/<name>`). A name that is a checkpoint's file name
+    (`x.pth`, `runs/x.safetensors`) is a missing file, whatever a plugin makes of it."""
+    import surgery
+    from surgery.errors import CheckpointError, SurgeryError
+    from surgery.model_source import build_model, pretrained_model
+
+    host = surgery.get_host()
+    try:
+        spec = host.resolve_model(target)
+    except SurgeryError:
+        if os.path.splitext(target)[1] in CHECKPOINT_SUFFIXES:
+            raise CheckpointError(f"checkpoint file {target!r} does not exist") from None
+        raise  # a plugin knows the name and says why it cannot build it
+    if spec is None:
+        if looks_like_path(target):
+            raise CheckpointError(f"checkpoint file {target!r} does not exist")
+        host.model_spec(target)  # the BackboneError listing the known models
+    if model_option:
+        raise UsageError("--model is for checkpoint files; TARGET already names a model")
+    kind = "registered model" if target in host.models else f"model resolved by plugin {spec.plugin!r}"
+    if not pretrained:
+        return build_model(target, {}), f"{target} ({kind}, random weights)", None
+    model, path = pretrained_model(target)
+    return model, f"{target} ({kind}, released weights {path})", str(path)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show a model's (or a checkpoint's) backbone, counts, sites and the tensors they own."""
     import surgery
-    from surgery.errors import BackboneError, CheckpointError
-    from surgery.model_source import build_model
+    from surgery.errors import CheckpointError
     from surgery.options import model_options, option_lines
 
     target = args.target
     info: dict[str, Any] = {"target": target}
     if os.path.isfile(target):
+        if args.pretrained:
+            raise UsageError("--pretrained is for a model name; TARGET is a checkpoint file, whose weights are loaded")
         model, metadata, name, origin = open_checkpoint(target, args.model, args.allow_large)
         source = f"{name} (named by {origin})"
         info.update(kind="checkpoint", model=name, metadata=metadata)
     elif os.path.exists(target):
         raise CheckpointError(f"{target!r} is not a file")
-    elif target in surgery.get_host().models:
-        if args.model:
-            raise UsageError("--model is for checkpoint files; TARGET already names a model")
-        model, source = build_model(target, {}), f"{target} (registered model, random weights)"
-        info.update(kind="model", model=target)
-    elif looks_like_path(target):
-        raise CheckpointError(f"checkpoint file {target!r} does not exist")
     else:
-        known = ", ".join(sorted(surgery.get_host().models)) or "none"
-        raise BackboneError(f"{target!r} is neither a file nor a registered model; known models: {known}")
+        model, source, weights = model_by_name(target, args.pretrained, args.model)
+        info.update(kind="model", model=target, weights=weights)
     sites = site_dicts(model)
     info.update(backbone=surgery.backbone_of(model), counts={s["name"]: s["count"] for s in sites},
                 sites=sites, recipe=list(surgery.recipe(model).steps), options=model_options(model))

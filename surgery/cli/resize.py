@@ -11,7 +11,7 @@ import os
 
 from surgery.commands import UsageError
 
-from .arguments import add_allow_large_flag, add_set_option, requested_counts
+from .arguments import add_allow_large_flag, add_pretrained_flag, add_set_option, requested_counts
 from .format import counts_text, format_shape_changes, print_lines, state_shapes
 from .inspect import add_model_option, open_checkpoint
 
@@ -22,12 +22,15 @@ SHRINK_HELP = "truncate (default), pool"
 
 DESCRIPTION = (
     "Build the checkpoint's model, load CKPT (resized to its counts), set new counts and\n"
-    "save the result to OUT with surgery.save. CKPT is never written.\n\n"
+    "save the result to OUT with surgery.save. CKPT is never written. Instead of CKPT,\n"
+    "--model NAME --pretrained starts from the model's released weights on this machine\n"
+    "(timm models: the Hugging Face cache; nothing is downloaded).\n\n"
     "example: surgery resize vit.safetensors --set reg_tokens=4 --init normal -o vit_reg4.safetensors")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", metavar="CKPT", help="input checkpoint (.safetensors or .pth)")
+    p.add_argument("ckpt", metavar="CKPT", nargs="?",
+                   help="input checkpoint (.safetensors or .pth); none with --model NAME --pretrained")
     add_set_option(p, required=True)
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT)")
     p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
@@ -35,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
     add_model_option(p)
     add_allow_large_flag(p)
+    add_pretrained_flag(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (a regular file only)")
 
 
@@ -74,12 +78,18 @@ def cmd_resize(args: argparse.Namespace) -> int:
     """Load CKPT, resize, write OUT (an existing OUT, with --force, untouched on failure)."""
     import surgery
     from surgery.checkpoint import check_output_path
+    from surgery.model_source import pretrained_model
 
     requested = requested_counts(args.set)
     check_strategies(args.init, args.shrink)
     src, out = args.ckpt, args.out
-    existing_file(src)
-    if same_file(src, out):
+    if args.pretrained and (src is not None or not args.model):
+        raise UsageError("--pretrained starts from a model's released weights: give --model NAME and no CKPT")
+    if src is None and not args.pretrained:
+        raise UsageError("give CKPT, or --model NAME --pretrained to start from the model's released weights")
+    if src is not None:
+        existing_file(src)
+    if src is not None and same_file(src, out):
         raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
     if os.path.isdir(out):
         raise UsageError(f"-o {out!r} is a directory; give a file name")
@@ -87,7 +97,13 @@ def cmd_resize(args: argparse.Namespace) -> int:
         raise UsageError(f"{out!r} already exists; pass --force to replace it")
     check_output_path(out)  # even with --force, only a regular file is replaced (no symlink, FIFO, device)
 
-    model, metadata, name, origin = open_checkpoint(src, args.model, args.allow_large)
+    if args.pretrained:
+        model, src = pretrained_model(args.model)  # a CheckpointError saying where it looked, if not there
+        if same_file(src, out):
+            raise UsageError(f"-o {out!r} is the released weights' file; resize never writes its input")
+        metadata, name, origin = {}, args.model, "--model, released weights"
+    else:
+        model, metadata, name, origin = open_checkpoint(src, args.model, args.allow_large)
     print(f"loaded {src}: {name} (named by {origin}), {counts_text(surgery.counts(model))}")
     before = state_shapes(model)
     changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)

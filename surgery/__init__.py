@@ -5,7 +5,8 @@
     surgery.resize(model, reg_tokens=4)          # atomic; init/shrink strategies; optimizer= follows
     with surgery.tokens(model, reg_tokens=0):    # temporary, bit-exact restore
         ...
-    surgery.save(model, "edited.safetensors")    # weights + counts + recipe
+    surgery.set_options(model, head_mode={"vision": "all"})  # plugin options, recorded like counts
+    surgery.save(model, "edited.safetensors")    # weights + counts + options + recipe
     surgery.load("edited.safetensors", model)    # replays the counts, then loads
 
 Backbones come from plugins (`surgery plugins` lists them). Names are imported lazily, so
@@ -21,15 +22,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "sites": "engine", "counts": "engine", "resize": "engine", "tokens": "engine", "recipe": "engine",
-    "Recipe": "engine", "build": "engine", "backbone_of": "engine",
-    "save": "checkpoint", "load": "checkpoint", "load_state_dict": "checkpoint", "read_checkpoint": "checkpoint",
+    "Recipe": "engine", "build": "engine", "backbone_of": "engine", "set_options": "engine",
+    "save": "checkpoint", "load": "checkpoint", "load_state_dict": "checkpoint", "read_checkpoint": "checkpoint_io",
     "TokenSite": "site", "TokenTensor": "site", "Counter": "site",
     "hookimpl": "hookspecs",
     "get_host": "plugins",
     "trainable": "sweep.train",
 }
-_MODULES = ("errors", "engine", "checkpoint", "site", "strategies", "hookspecs", "plugins", "edit", "optim", "rows",
-            "sweep")
+_MODULES = ("errors", "engine", "checkpoint", "checkpoint_io", "site", "strategies", "hookspecs", "plugins", "edit",
+            "optim", "rows", "options", "recipes", "transaction", "sweep")
 
 __all__ = sorted([*_EXPORTS, *_MODULES, "__version__"])
 

@@ -111,12 +111,13 @@ def _claims(host: Any, backbone: str, module: nn.Module) -> bool:
         return False
 
 
-def calls(model: nn.Module, backbone: str, hook: str) -> Iterator[tuple[str, Callable, Part]]:
+def calls(model: nn.Module, backbone: str, hook: str,
+          known: list[Part] | None = None) -> Iterator[tuple[str, Callable, Part]]:
     """(plugin, function, part) for every implementation of a per-model `hook` and every part of
     `model` (the model's own calls first, in registration order), to be called as
-    `function(model=part.model, backbone=part.backbone, ...)`."""
+    `function(model=part.model, backbone=part.backbone, ...)`. `known`: the parts, when already read."""
     implementations = get_host().implementations(hook)
-    for part in parts(model, backbone):
+    for part in known if known is not None else parts(model, backbone):
         for plugin, function in implementations:
             yield plugin, function, part
 

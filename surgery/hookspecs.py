@@ -24,7 +24,8 @@ Which hooks a plugin needs:
   an adapter, say). Most sites are applied by the engine from their declaration alone.
 * `surgery_before_resize` / `surgery_after_resize`: events any plugin may observe, around every
   change of counts (including the restore at the end of `surgery.tokens(...)` and the resize done
-  while loading a checkpoint). A plugin that caches something derived from a count drops it here.
+  while loading a checkpoint) and of model options. A plugin that caches something derived from a
+  count drops it here.
 * `surgery_model_options` / `surgery_apply_options`: settings that are part of a model's state
   but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
   `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
@@ -144,7 +145,9 @@ def surgery_apply_count(model: Any, backbone: str, change: Any) -> bool | None:
 
 @hookspec
 def surgery_before_resize(model: Any, backbone: str, changes: dict) -> None:
-    """Called before counts change; `changes` maps site name -> (old count, new count).
+    """Called before counts change; `changes` maps site name -> (old count, new count). Also called
+    before model options change (`surgery.set_options`), with the counts that change with them
+    (`{}` for options alone).
 
     Must only drop derived state (caches): the change may still fail and be rolled back.
     """

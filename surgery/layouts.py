@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint import META_KEY, as_path, read_checkpoint
+from .checkpoint_io import META_KEY, as_path, read_checkpoint
 from .errors import PLUGIN_FAILURES, CheckpointError, PluginConflictError, PluginError, SurgeryError, describe_error
 from .plugins import get_host
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from .edit import Edit
 from .compose import Part
 from .compose import calls as part_calls
-from .engine import backbone_of
+from .declarations import backbone_of
+from .edit import Edit
 from .errors import CheckpointError, ModelConfigError, PluginConflictError, PluginError, SurgeryError
 from .plugins import PLUGIN_FAILURES, describe_error, get_host
 
@@ -60,21 +60,22 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
     return f"a {type(value).__name__} is not a JSON value"
 
 
-def _canonical(value: Any) -> str:
+def canonical(value: Any) -> str:
     """One text per JSON value (key order ignored; True and 1 told apart, unlike `==`)."""
     return json.dumps(value, sort_keys=True)
 
 
-def _holds(value: Any, asked: Any) -> bool:
+def holds(value: Any, asked: Any) -> bool:
     """Whether an option's `value` is what was `asked`: equal, or for a dict every key asked
     holding its asked value (a dict may be set key by key; the keys not named keep theirs)."""
     if isinstance(asked, dict):
-        return isinstance(value, dict) and all(k in value and _holds(value[k], v) for k, v in asked.items())
-    return _canonical(value) == _canonical(asked)
+        return isinstance(value, dict) and all(k in value and holds(value[k], v) for k, v in asked.items())
+    return canonical(value) == canonical(asked)
 
 
-def _shown(value: Any) -> str:
-    text = _canonical(value)
+def shown(value: Any) -> str:
+    """A JSON value for an error message, cut at SHOWN_CHARS."""
+    text = canonical(value)
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
@@ -164,9 +165,21 @@ def apply_options(model: nn.Module, requested: Mapping[str, Any], edit: Edit, *,
     refusal is not an error: its options are returned, to be applied later (an option may need
     another part of the model's state first: ImageBind's `all` needs a CLS token). Returns the
     options left unapplied ({} without `only_valid`).
+
+    This changes the model outside any transaction: no events, no recipe step. Users call
+    `surgery.set_options`, which does both (`surgery.transaction`).
     """
+    return change_options(model, requested, edit, backbone=backbone, where=where, only_valid=only_valid)[0]
+
+
+def change_options(model: nn.Module, requested: Mapping[str, Any], edit: Edit, *, backbone: str | None = None,
+                   where: str = "options", only_valid: bool = False, before_change: Callable[[], None] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """`apply_options`, also returning what changed: (options left unapplied, {name: (old value,
+    new value)}), whole values. `before_change()` runs once, before the first plugin is asked to
+    change anything (the transaction announces the change there)."""
     if not requested:
-        return {}
+        return {}, {}
     backbone = backbone or backbone_of(model)
     current, owners = _collect(model, backbone)
     unknown = sorted(n for n in requested if n not in owners)
@@ -174,9 +187,12 @@ def apply_options(model: nn.Module, requested: Mapping[str, Any], edit: Edit, *,
         raise ModelConfigError(f"{where}: {', '.join(f'{n!r:.40}' for n in unknown[:5])} "
                                f"{'is not an option' if len(unknown) == 1 else 'are not options'} of this "
                                f"{backbone!r} model; its options: {', '.join(sorted(owners)) or 'none'}")
-    changed = {n: v for n, v in requested.items() if not _holds(current[n], v)}
+    changed = {n: v for n, v in requested.items() if not holds(current[n], v)}
+    if changed and before_change is not None:
+        before_change()
     appliers = dict(get_host().implementations("surgery_apply_options"))
     left: dict[str, Any] = {}
+    now = current
     for owner in dict.fromkeys(owners[n] for n in changed):  # each (plugin, part) once, in the order reported
         plugin, part = owner
         mine = {n: v for n, v in changed.items() if owners[n] == owner}
@@ -191,19 +207,21 @@ def apply_options(model: nn.Module, requested: Mapping[str, Any], edit: Edit, *,
             if only_valid:
                 left.update(mine)
                 continue
-            shown = ", ".join(f"{n}={_shown(v)}" for n, v in mine.items())
-            raise ModelConfigError(f"{where}: cannot set {shown}: {exc}") from exc
+            asked = ", ".join(f"{n}={shown(v)}" for n, v in mine.items())
+            raise ModelConfigError(f"{where}: cannot set {asked}: {exc}") from exc
         except PLUGIN_FAILURES as exc:
             step.rollback()
             raise PluginError(f"plugin {plugin!r}: surgery_apply_options raised {describe_error(exc)} "
                               f"for options {sorted(mine)}") from exc
         edit.absorb(step)
         now = _collect(model, backbone)[0]
-        unset = [n for n in mine if not _holds(now.get(n), mine[n])]
+        unset = [n for n in mine if not holds(now.get(n), mine[n])]
         if unset:
             raise PluginError(f"plugin {plugin!r}: surgery_apply_options did not set "
-                              + ", ".join(f"{n} (asked {_shown(mine[n])}, now {_shown(now.get(n))})" for n in unset))
-    return left
+                              + ", ".join(f"{n} (asked {shown(mine[n])}, now {shown(now.get(n))})" for n in unset))
+    done = {n: (current[n], now[n]) for n in changed if n not in left and canonical(now[n]) != canonical(current[n])}
+    return left, done
 
 
-__all__ = ["OPTIONS_KEY", "model_options", "saved_options", "apply_options", "option_lines", "json_problem"]
+__all__ = ["OPTIONS_KEY", "model_options", "saved_options", "apply_options", "change_options", "option_lines",
+           "json_problem", "holds", "canonical", "shown"]

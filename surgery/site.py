@@ -83,6 +83,10 @@ class TokenTensor:
         value = self.tensor()
         return value.view(self.view) if self.view is not None else value
 
+    def key(self, paths: Mapping[int, str]) -> str:
+        """This tensor's state-dict key (`tensor_key`)."""
+        return tensor_key(paths, self.module, self.name)
+
     def stored_shape(self, viewed_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The real tensor's shape for a given shape of its view (groups of view dims multiply)."""
         if self.view is None:
@@ -183,8 +187,7 @@ class TokenSite:
     def to_dict(self, paths: Mapping[int, str] | None = None) -> dict[str, Any]:
         """A JSON-ready summary (used by `surgery inspect`)."""
         def path(t: TokenTensor) -> str:
-            key = paths.get(id(t.module), "?") if paths is not None else "?"
-            return f"{key}.{t.name}" if key else t.name
+            return t.key(paths if paths is not None else {})
 
         return {
             "name": self.name,
@@ -240,3 +243,11 @@ def _view_groups(shape: tuple[int, ...], view: tuple[int, ...]) -> list[list[int
 def module_paths(model: nn.Module) -> dict[int, str]:
     """id(module) -> its dotted path in `model` (the prefix of its state-dict keys)."""
     return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def tensor_key(paths: Mapping[int, str], module: nn.Module, name: str) -> str:
+    """The state-dict key of `module.<name>`, `paths` being `module_paths(model)`: "blocks.0.attn.qkv"
+    + ".weight", or the bare name on the model itself. A module outside the model gets the prefix
+    "?", so its key never matches one of the model's by accident (and reads as unknown in a message)."""
+    prefix = paths.get(id(module), "?")
+    return f"{prefix}.{name}" if prefix else name

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 import surgery
 import surgery.checkpoint
 from surgery.engine import Recipe
+from surgery.transaction import Transaction
 from surgery.errors import BackboneError, CheckpointError, RecipeError, ResizeError
 
 
@@ -43,15 +44,16 @@ def step(site: str, old: int, new: int, init: str = "zeros") -> dict:
 
 @pytest.fixture
 def resizes(monkeypatch):
-    """Every {site: count} a load asks the engine to apply."""
+    """Every {site: count} a load asks the engine to change (the sites whose count differs)."""
     asked: list[dict] = []
-    apply = surgery.checkpoint._apply
 
-    def recording(model, backbone, requested, *args, **kwargs):
-        asked.append(dict(requested))
-        return apply(model, backbone, requested, *args, **kwargs)
+    class Recording(Transaction):
+        def resize(self, requested, *args, **kwargs):
+            changing = {n: c for n, c in requested.items() if n in self.declared and self.declared[n].count != c}
+            asked.extend([changing] if changing else [])
+            return super().resize(requested, *args, **kwargs)
 
-    monkeypatch.setattr(surgery.checkpoint, "_apply", recording)
+    monkeypatch.setattr(surgery.checkpoint, "Transaction", Recording)
     return asked
 
 

@@ -13,6 +13,7 @@ import torch
 import surgery
 from surgery.edit import Edit
 from surgery.errors import NestingError
+from surgery.guard import guard_of
 from toy_backbone import ToyModel, assert_same, snapshot
 
 
@@ -248,6 +249,6 @@ def test_a_ctrl_c_while_leaving_a_block_is_raised_after_the_model_is_restored(to
     with pytest.raises(KeyboardInterrupt):
         with surgery.tokens(model, prompts=6, query_len=5):
             # the first undo step to run (the newest change) sends a Ctrl-C; every other one still runs
-            surgery.engine._guard(model).open[-1].edit.on_undo(lambda: os.kill(os.getpid(), signal.SIGINT))
+            guard_of(model).open[-1].edit.on_undo(lambda: os.kill(os.getpid(), signal.SIGINT))
     assert_same(before, snapshot(model))
     consistent(model)

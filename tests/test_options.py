@@ -223,3 +223,132 @@ def test_apply_options_journals_and_defers_what_the_plugin_refuses(host):
     assert left == {"pooling": "max"} and model.pooling == "mean"
     edit.rollback()
     assert "pooling" not in vars(model) and model_options(model) == {"pooling": "sum", "window": WINDOW}
+
+
+# -- surgery.set_options: a change of the model's state like a resize ------------------------------------
+
+
+class Events:
+    """Records the resize events, as a plugin that caches something would see them."""
+
+    def __init__(self):
+        self.seen = []
+
+    @surgery.hookimpl
+    def surgery_before_resize(self, model, backbone, changes):
+        self.seen.append(("before", dict(changes)))
+
+    @surgery.hookimpl
+    def surgery_after_resize(self, model, backbone, changes):
+        self.seen.append(("after", dict(changes)))
+
+
+def option_step(name, old, new):
+    return {"option": name, "from": old, "to": new}
+
+
+def test_set_options_is_recorded_announced_and_replayed_in_order(host):
+    events = Events()
+    assert host.add_plugin(events, "events")
+    model = surgery.build("prompted_tiny")
+    built = {k: v.clone() for k, v in model.state_dict().items()}
+    assert surgery.set_options(model, pooling="mean") == {"pooling": ("sum", "mean")}
+    assert events.seen == [("before", {}), ("after", {})]
+    surgery.resize(model, prompts=4)
+    assert surgery.set_options(model, window={"stride": 2}) == {"window": (WINDOW, {"size": 3, "stride": 2})}
+    assert surgery.set_options(model, pooling="mean") == {}  # already so: no step, no event
+    assert len(events.seen) == 6
+    steps = surgery.recipe(model).steps
+    assert steps[0] == option_step("pooling", "sum", "mean") and steps[1]["site"] == "prompts"
+    assert steps[2] == option_step("window", WINDOW, {"size": 3, "stride": 2})  # whole values
+
+    fresh = surgery.build("prompted_tiny")
+    fresh.load_state_dict(built)  # the same weights as built
+    surgery.Recipe.from_json(surgery.recipe(model).to_json()).replay(fresh)
+    assert model_options(fresh) == {"pooling": "mean", "window": {"size": 3, "stride": 2}}
+    assert torch.equal(fresh.prompts, model.prompts) and fresh.num_prompts == 4
+    assert surgery.recipe(fresh).steps == steps
+
+
+def test_set_options_is_atomic_and_undone_with_a_tokens_block(host):
+    model = surgery.build("prompted_tiny")
+    before = snapshot(model)
+    with pytest.raises(ModelConfigError, match="set_options: cannot set pooling=\"max\": pooling must be one of"):
+        surgery.set_options(model, pooling="max")
+    with pytest.raises(ModelConfigError, match="'stride' is not an option of this 'prompted' model"):
+        surgery.set_options(model, stride=2)
+    assert_same(snapshot(model), before)
+    assert surgery.recipe(model).steps == ()
+    with surgery.tokens(model, prompts=3):
+        surgery.set_options(model, pooling="mean", window={"size": 5})
+        assert model_options(model) == {"pooling": "mean", "window": {"size": 5, "stride": 1}}
+    assert_same(snapshot(model), before)
+    assert model_options(model) == {"pooling": "sum", "window": WINDOW} and surgery.recipe(model).steps == ()
+
+
+def test_a_plugin_failing_after_an_option_change_rolls_it_back(host):
+    class Broken:
+        @surgery.hookimpl
+        def surgery_after_resize(self, model, backbone, changes):
+            raise ValueError("cache rebuild failed")
+
+    assert host.add_plugin(Broken(), "broken")
+    model = surgery.build("prompted_tiny")
+    with pytest.raises(surgery.errors.ResizeError, match="plugin 'broken' failed in surgery_after_resize"):
+        surgery.set_options(model, pooling="mean")
+    assert model_options(model)["pooling"] == "sum" and surgery.recipe(model).steps == ()
+
+
+def test_a_saved_recipe_with_option_steps_is_kept_by_load(host, tmp_path):
+    model = surgery.build("prompted_tiny")
+    surgery.resize(model, prompts=4)
+    surgery.set_options(model, pooling="mean")
+    surgery.resize(model, prompts=1)
+    path = surgery.save(model, tmp_path / "steps.safetensors")
+    fresh = surgery.build("prompted_tiny")
+    result = surgery.load(path, fresh)
+    assert result.replayed and surgery.recipe(fresh).steps == surgery.recipe(model).steps
+    assert model_options(fresh) == model_options(model) and torch.equal(fresh.prompts, model.prompts)
+    # a history whose options end elsewhere than the file's is not the model's: the load records its own
+    lie = {"backbone": BACKBONE, "steps": [*surgery.recipe(model).steps[:1], option_step("pooling", "sum", "sum")]}
+    entry = {**surgery.checkpoint.surgery_metadata(model), "recipe": lie}
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(sd, str(tmp_path / "lie.safetensors"), metadata={"surgery": json.dumps(entry)})
+    other = surgery.build("prompted_tiny")
+    assert not surgery.load(tmp_path / "lie.safetensors", other).replayed
+    kinds = [("option" if "option" in s else "site") for s in surgery.recipe(other).steps]
+    assert kinds == ["option", "site"] and model_options(other)["pooling"] == "mean"
+
+
+@pytest.mark.parametrize("step, message", [
+    ({"option": 3, "from": "sum", "to": "mean"}, "recipe step 1: option must be an option's name"),
+    ({"option": "", "from": "sum", "to": "mean"}, "option must be an option's name"),
+    ({"option": "pooling", "from": "sum", "to": float("nan")}, "to of option 'pooling' must be plain JSON .*nan"),
+    ({"option": "pooling", "from": "sum", "to": json.loads("[" * 20 + "]" * 20)}, "nested deeper than 8"),
+    ({"option": "pooling", "from": "x" * 70000, "to": "sum"}, "from of option 'pooling' is longer than 65536"),
+    ({"option": "pooling", "from": "sum"}, "expected the fields site, from, to, init, shrink, seed .* or option"),
+    ({"option": "pooling", "site": "prompts", "from": 1, "to": 2}, "expected the fields"),
+])
+def test_hostile_option_steps_are_refused_by_from_json(step, message):
+    text = json.dumps({"backbone": BACKBONE, "steps": [step]})  # as a file would carry it (NaN included)
+    with pytest.raises(surgery.errors.RecipeError, match=message):
+        surgery.Recipe.from_json(text)
+
+
+@pytest.mark.parametrize("steps, error, message", [
+    ([option_step("pooling", "sum", "max")], ModelConfigError, "recipe step 1: cannot set pooling=\"max\""),
+    ([option_step("pooling", "sum", "mean"), option_step("window", WINDOW, {"size": -1, "stride": 1})],
+     ModelConfigError, "recipe step 2: cannot set window="),
+    ([option_step("__class__", "sum", "mean")], ModelConfigError, "option '__class__' is not an option of this"),
+    ([option_step("pooling", "mean", "sum")], surgery.errors.RecipeError, "starts from options"),
+])
+def test_option_steps_a_model_cannot_take_change_nothing_on_replay(host, steps, error, message):
+    model = surgery.build("prompted_tiny")
+    before = snapshot(model)
+    recipe = surgery.Recipe.from_json({"backbone": BACKBONE, "steps": [*steps, {
+        "site": "prompts", "from": 2, "to": 5, "init": "zeros", "shrink": "truncate", "seed": 0}]})
+    with pytest.raises(error, match=message):
+        recipe.replay(model)
+    assert_same(snapshot(model), before)
+    assert surgery.recipe(model).steps == ()

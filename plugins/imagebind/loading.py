@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from surgery.checkpoint import _listing, read_checkpoint
+from surgery.checkpoint_io import listing, read_checkpoint
 from surgery.errors import CheckpointError
 
 from .config import ALL_MODALITIES, HEAD_MODALITIES, POINT, ImageBindConfig
@@ -66,7 +66,7 @@ def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[s
             skipped.add(modality)
     if foreign:
         raise CheckpointError(f"not an ImageBind checkpoint: {len(foreign)} of its {len(state_dict)} keys are not "
-                              f"'<{'|'.join(GROUPS)}>.<modality>.*' or '{POINT_TRUNK}.*' ({_listing(foreign)})")
+                              f"'<{'|'.join(GROUPS)}>.<modality>.*' or '{POINT_TRUNK}.*' ({listing(foreign)})")
     if not kept:
         raise CheckpointError(f"the checkpoint has none of the model's modalities ({', '.join(modalities)}); "
                               f"it has {', '.join(sorted(skipped)) or 'no weights'}")
@@ -79,7 +79,7 @@ def _check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: 
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
               for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    problems = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in
+    problems = [f"{label} ({len(keys)}): {listing(keys)}" for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
     if problems:
         raise CheckpointError(f"{where} does not fit this ImageBind configuration: " + "; ".join(problems))
@@ -136,7 +136,7 @@ def imagebind_huge(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | 
     model.eval()
     if num_cls_tokens:
         surgery.resize(model, **{f"num_cls_tokens.{m}": k for m, k in num_cls_tokens.items()}, init=init, seed=seed)
-    model.set_head_mode(modes)
+    model.write_head_modes(modes)  # part of building the model: not a change to record
     return model
 
 

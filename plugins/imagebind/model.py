@@ -72,7 +72,16 @@ class ImageBindModel(nn.Module):
 
     def set_head_mode(self, mode: str | Mapping[str, str]) -> None:
         """Set how the heads read CLS tokens: one mode for every CLS modality, or {modality: mode}.
-        Checked for every modality first: on an error nothing is changed."""
+
+        A change of the model's state like a resize: it goes through `surgery.set_options` (option
+        `head_mode`), so it is checked for every modality first (on an error nothing is changed),
+        recorded in the recipe, saved with the model, undone with an enclosing `surgery.tokens(...)`."""
+        import surgery
+
+        surgery.set_options(self, head_mode=self.check_head_modes(mode))
+
+    def check_head_modes(self, mode: str | Mapping[str, str]) -> dict[str, str]:
+        """{modality: mode} for `mode` (one mode: every CLS modality), each one this model can take now."""
         modes = dict(mode) if isinstance(mode, Mapping) else {m: mode for m in self.modalities if m in HEAD_MODALITIES}
         for modality, m in modes.items():
             self._check_modality(modality)
@@ -82,7 +91,12 @@ class ImageBindModel(nn.Module):
             if m != "first" and self.num_cls_tokens(modality) == 0:
                 raise ConfigError(f"{modality}: head mode {m!r} reads the CLS tokens and there are none; "
                                   f"grow num_cls_tokens.{modality} first")
-        for modality, m in modes.items():
+        return modes
+
+    def write_head_modes(self, mode: str | Mapping[str, str]) -> None:
+        """The plain setter under `set_head_mode` (checked as it is, not recorded): for building a
+        model, and for the `head_mode` option's hook, which journals it."""
+        for modality, m in self.check_head_modes(mode).items():
             self.modality_heads[modality].mode = m
             self.config.modalities[modality].head_mode = m
 

@@ -18,8 +18,9 @@ undo, recipes, checkpoints of other counts); the counters keep the preprocessor'
 The head reads the CLS tokens according to its mode (`first`, `mean`, `all`); while a modality's
 head is in `mean` or `all` its site cannot go below 1 (`first` at 0 reads the first patch token,
 which is what upstream does with no CLS token). The modes are the model option `head_mode`
-({modality: mode}, `surgery.options`): saved in checkpoints, restored by `surgery.load`, shown by
-`surgery inspect`.
+({modality: mode}, `surgery.options`): `model.set_head_mode` changes them through
+`surgery.set_options`, so a change is recorded in the recipe (replayed in order with the counts),
+saved in checkpoints, restored by `surgery.load`, shown by `surgery inspect`.
 
 A caution (shown by `surgery inspect`): the released weights were trained with one CLS token per
 modality; more tokens start from the init strategy (default `normal`, matched to the existing
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from surgery import hookimpl
-from surgery.site import Counter, TokenSite, TokenTensor
+from surgery.site import Counter, TokenSite, TokenTensor, tensor_key
 
 from .config import CLS_MODALITIES, HEAD_MODES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON, ConfigError
 from .metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
@@ -47,11 +48,6 @@ def is_imagebind(model: nn.Module) -> bool:
     from .model import ImageBindModel
 
     return isinstance(model, ImageBindModel)
-
-
-def _key(paths: Mapping[int, str], module: nn.Module, name: str) -> str:
-    prefix = paths.get(id(module), "")
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _pos_owner(pre: nn.Module) -> nn.Module:
@@ -67,10 +63,10 @@ def cls_site(model: nn.Module, modality: str) -> TokenSite:
     reads_cls = model.head_mode(modality) != "first"
 
     def count_in_state_dict(state_dict, paths) -> int | None:
-        cls = state_dict.get(_key(paths, pre, "cls_token"))
+        cls = state_dict.get(tensor_key(paths, pre, "cls_token"))
         if cls is not None:
             return int(cls.shape[1]) if cls.dim() == 3 else None
-        rows = state_dict.get(_key(paths, pos_owner, "pos_embed"))
+        rows = state_dict.get(tensor_key(paths, pos_owner, "pos_embed"))
         if rows is None or rows.dim() != 3 or rows.shape[1] < num_patches:
             return None  # not this modality's layout: the key check names the problem
         return int(rows.shape[1] - num_patches)
@@ -154,7 +150,8 @@ def surgery_model_options(model, backbone):
 
 @hookimpl
 def surgery_apply_options(model, backbone, options, edit):
-    """Set the head modes a checkpoint recorded; `set_head_mode` checks every modality and mode."""
+    """Set head modes (from `surgery.set_options`, a checkpoint, a recipe); every modality and mode
+    is checked before anything changes."""
     if backbone != BACKBONE:
         return
     modes = options.get(HEAD_MODE_OPTION)
@@ -162,8 +159,9 @@ def surgery_apply_options(model, backbone, options, edit):
         raise ConfigError(f"option {HEAD_MODE_OPTION!r} must map modalities to one of "
                           f"{', '.join(HEAD_MODES)}, got {modes!r:.80}")
     old = _head_modes(model)
-    edit.on_undo(lambda: model.set_head_mode(old))  # the modes before, valid again once the counts are back
-    model.set_head_mode(modes)  # checks every modality and mode first; on an error nothing is changed
+    model.check_head_modes(modes)  # every modality and mode first: on an error nothing is changed
+    edit.on_undo(lambda: model.write_head_modes(old))  # the modes before, valid again once the counts are back
+    model.write_head_modes(modes)
 
 
 def example_inputs(model: nn.Module, batch: int = 2) -> tuple[dict[str, torch.Tensor]]:

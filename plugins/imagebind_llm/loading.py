@@ -35,10 +35,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from surgery.checkpoint import _listing, _write_atomically
+from surgery.checkpoint_io import listing, natural_key, write_atomically
 from surgery.errors import CheckpointError
-from surgery_plugins.llama_adapter.loading import (LLAMA, _default_dtype, _natural, is_adapter_key,
-                                                   read_adapter_checkpoint, read_base_shards, read_params)
+from surgery_plugins.llama_adapter.loading import (LLAMA, default_dtype, is_adapter_key, read_adapter_checkpoint,
+                                                   read_base_shards, read_params)
 
 ENCODER = "image_bind."  # the encoder's keys; not in 7B.pth (convert_ckpt.py drops them)
 RELEASES = {  # upstream's names and where they are published: nothing is downloaded here
@@ -140,7 +140,7 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
         raise CheckpointError(f"LLaMA folder {llama_dir} does not exist (expected <llama_dir>/{llama_type}/"
                               f"params.json, consolidated.00.pth and <llama_dir>/tokenizer.model)")
     device = torch.device(device)
-    dtype = _default_dtype(device) if dtype is None else dtype
+    dtype = default_dtype(device) if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if not Path(checkpoint).exists() and str(checkpoint) in RELEASES:
@@ -176,14 +176,14 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
 
     shape = (f"{hp['phase']} phase, query_layer={hp['query_layer']}"
              + (", legacy_bridge" if hp["legacy_bridge"] else "") + f", {params['n_layers']} layers")
-    unexpected = sorted((k for k in adapter_sd if k not in expected or not is_official_key(k)), key=_natural)
+    unexpected = sorted((k for k in adapter_sd if k not in expected or not is_official_key(k)), key=natural_key)
     if unexpected:
         raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
-                              f"describe ({shape}): {_listing(unexpected)}")
+                              f"describe ({shape}): {listing(unexpected)}")
     missing = [k for k in expected if is_official_key(k) and k not in adapter_sd]
     if missing:
         raise CheckpointError(f"{where} lacks {len(missing)} key(s) of the architecture its tensors describe "
-                              f"({shape}): {_listing(missing)}")
+                              f"({shape}): {listing(missing)}")
     state: dict[str, torch.Tensor] = {}
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
@@ -204,13 +204,13 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
             put(LLAMA + key, tensor, base_where)
     unfilled = [k for k in expected if k not in state]
     if unfilled:
-        raise CheckpointError(f"no file provides {len(unfilled)} tensor(s) of the model: {_listing(unfilled)}")
+        raise CheckpointError(f"no file provides {len(unfilled)} tensor(s) of the model: {listing(unfilled)}")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys or any(not k.startswith(ENCODER) for k in result.missing_keys):
         raise CheckpointError(f"loading the official files failed: {result}")  # keys were checked: a bug
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise CheckpointError(f"tensors left on the meta device after loading: {_listing(left)}")
+        raise CheckpointError(f"tensors left on the meta device after loading: {listing(left)}")
     return model.to(device).eval()
 
 
@@ -234,9 +234,9 @@ def _write(path: Path, state_dict: dict[str, torch.Tensor], wrap: bool) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _write_atomically(path, lambda tmp: save_file(state_dict, str(tmp)))
+        write_atomically(path, lambda tmp: save_file(state_dict, str(tmp)))
     else:
-        _write_atomically(path, lambda tmp: torch.save({"model": state_dict} if wrap else state_dict, tmp))
+        write_atomically(path, lambda tmp: torch.save({"model": state_dict} if wrap else state_dict, tmp))
     return path
 
 

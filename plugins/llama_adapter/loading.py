@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from surgery.checkpoint import _listing, _read_torch, _write_atomically, read_checkpoint
+from surgery.checkpoint_io import listing, natural_key, read_checkpoint, read_torch, write_atomically
 from surgery.errors import CheckpointError, UnsafeCheckpointError
 
 LLAMA = "llama."  # where the LLaMA backbone sits in LLaMA_adapter's state dict (upstream and ours)
@@ -178,7 +178,7 @@ def read_adapter_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
         if head.startswith(b"PK\x03\x04") or (head.startswith(b"\x80") and path.suffix != ".safetensors"
                                                 and not head[8:9] == b"{"):  # torch.save: zip, or a raw pickle
             try:
-                raw = _read_torch(path)
+                raw = read_torch(path)
             except UnsafeCheckpointError as exc:
                 raise UnsafeCheckpointError(
                     f"{exc}. (A training checkpoint of upstream's main_finetune.py pickles its argparse args: "
@@ -198,7 +198,7 @@ def read_adapter_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Te
             bad = [f"{k!r} ({type(v).__name__})" for k, v in model.items()
                    if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
             if bad:
-                raise CheckpointError(f"adapter checkpoint {path} has entries that are not tensors: {_listing(bad)}")
+                raise CheckpointError(f"adapter checkpoint {path} has entries that are not tensors: {listing(bad)}")
             return dict(model), dict(config)
     state_dict, _ = read_checkpoint(path)  # safetensors, raw pickles, and every error message for bad files
     return state_dict, {}
@@ -225,7 +225,7 @@ def read_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif not _CLIP_TEXT.match(name):  # CLIP's text side is not used by LLaMA-Adapter
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"CLIP weights file {path} has keys that are not CLIP's: {_listing(unknown)} "
+        raise CheckpointError(f"CLIP weights file {path} has keys that are not CLIP's: {listing(unknown)} "
                               f"(expected OpenAI names: visual.* or clip.visual.*)")
     return visual
 
@@ -253,14 +253,14 @@ def read_base_shards(folder: Path, n_layers: int) -> tuple[dict[str, torch.Tenso
         shard, _ = read_checkpoint(file)
         for key in [k for k in shard if _IGNORED_BASE.match(k)]:
             del shard[key]
-        unexpected = sorted(set(shard) - expected, key=_natural)
-        missing = sorted(expected - set(shard), key=_natural)
+        unexpected = sorted(set(shard) - expected, key=natural_key)
+        missing = sorted(expected - set(shard), key=natural_key)
         if unexpected:
             raise CheckpointError(f"LLaMA weights {file} have unexpected keys for a {n_layers}-layer LLaMA "
-                                  f"(params.json): {_listing(unexpected)}")
+                                  f"(params.json): {listing(unexpected)}")
         if missing:
             raise CheckpointError(f"LLaMA weights {file} lack keys of a {n_layers}-layer LLaMA (params.json): "
-                                  f"{_listing(missing)}")
+                                  f"{listing(missing)}")
         shards.append(shard)
     return merge_shards(shards, files), files
 
@@ -279,8 +279,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], names: Iterable[Any] = (
     keys = list(shards[0])
     for name, shard in zip(names[1:], shards[1:]):
         if set(shard) != set(keys):
-            diff = sorted(set(shard) ^ set(keys), key=_natural)
-            raise CheckpointError(f"LLaMA shards {names[0]} and {name} do not have the same keys: {_listing(diff)}")
+            diff = sorted(set(shard) ^ set(keys), key=natural_key)
+            raise CheckpointError(f"LLaMA shards {names[0]} and {name} do not have the same keys: {listing(diff)}")
     merged = {}
     for key in keys:
         parts = [shard.pop(key) for shard in shards]
@@ -300,10 +300,6 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], names: Iterable[Any] = (
             raise CheckpointError(f"LLaMA shards: {key} is not a key of Meta's LLaMA layout, so it cannot be merged")
         del parts
     return merged
-
-
-def _natural(key: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
 # -- hyper-parameters read from the adapter checkpoint -------------------------------------------------
@@ -385,7 +381,7 @@ def adapter_hparams(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
 # -- load ----------------------------------------------------------------------------------------------
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
+def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on the CPU; float16 on an accelerator, as upstream runs LLaMA there."""
     return torch.float32 if device.type in ("cpu", "meta") else torch.float16
 
@@ -431,7 +427,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
         raise CheckpointError(f"LLaMA folder {llama_dir} does not exist (expected <llama_dir>/{llama_type}/"
                               f"params.json, consolidated.00.pth and <llama_dir>/tokenizer.model)")
     device = torch.device(device)
-    dtype = _default_dtype(device) if dtype is None else dtype
+    dtype = default_dtype(device) if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
@@ -492,11 +488,11 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
     unexpected = [k for k in adapter_sd if k not in expected or k.startswith(clip_prefix)]
     if unexpected:
         raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
-                              f"describe ({_describe(hp)}): {_listing(sorted(unexpected, key=_natural))}")
+                              f"describe ({_describe(hp)}): {listing(sorted(unexpected, key=natural_key))}")
     missing = [k for k in expected if is_adapter_key(k, clip_prefix) and not is_base_key(k) and k not in adapter_sd]
     if missing:
         raise CheckpointError(f"{where} lacks {len(missing)} adapter key(s) of the architecture its tensors "
-                              f"describe ({_describe(hp)}): {_listing(missing)}")
+                              f"describe ({_describe(hp)}): {listing(missing)}")
     state: dict[str, torch.Tensor] = {}
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
@@ -529,7 +525,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
         del tensor
     unfilled = [k for k in expected if k not in state]
     if unfilled:  # a key no file provides (not one of the official layout's)
-        raise CheckpointError(f"no file provides {len(unfilled)} tensor(s) of the model: {_listing(unfilled)}")
+        raise CheckpointError(f"no file provides {len(unfilled)} tensor(s) of the model: {listing(unfilled)}")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # keys and shapes were checked; this would be a bug
@@ -539,7 +535,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
     left += [f"{name}.{attr}" if name else attr for name, module in model.named_modules()  # plain attributes
              for attr, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]
     if left:
-        raise CheckpointError(f"tensors left on the meta device after loading: {_listing(left)}")
+        raise CheckpointError(f"tensors left on the meta device after loading: {listing(left)}")
     return model.to(device).eval()
 
 
@@ -613,7 +609,7 @@ def save_official(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dty
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     payload = {"model": sd, "config": official_config(model, sd)}
     path = Path(path)
-    _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

@@ -20,13 +20,13 @@ checkpoints it is an experiment, which is what this toolkit is for.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from surgery import hookimpl
-from surgery.site import Counter, TokenSite, TokenTensor
+from surgery.site import Counter, TokenSite, TokenTensor, tensor_key
 
 from .metrics import surgery_register_metrics  # noqa: F401 - the caption metric (a hook; ImageBind-LLM's too)
 
@@ -44,17 +44,12 @@ def _config_counter(model: nn.Module, field: str, value=None) -> list[Counter]:
     return [Counter(config, field, value)] if config is not None and hasattr(config, field) else []
 
 
-def _key(paths: Mapping[int, str], module: nn.Module, name: str) -> str:
-    prefix = paths.get(id(module), "")
-    return f"{prefix}.{name}" if prefix else name
-
-
 def query_len_site(model: nn.Module) -> TokenSite:
     L, Q = model.query_layer, model.query_len
     D = model.adapter_query.weight.shape[-1]
 
     def count_in_state_dict(state_dict, paths) -> int | None:
-        rows = state_dict.get(_key(paths, model.visual_query, "weight"))
+        rows = state_dict.get(tensor_key(paths, model.visual_query, "weight"))
         return None if rows is None else int(rows.shape[0])
 
     return TokenSite(
@@ -83,8 +78,8 @@ def query_layer_site(model: nn.Module) -> TokenSite:
     n_layers = len(model.llama.layers)
 
     def count_in_state_dict(state_dict, paths) -> int | None:
-        queries = state_dict.get(_key(paths, model.visual_query, "weight"))
-        table = state_dict.get(_key(paths, model.adapter_query, "weight"))
+        queries = state_dict.get(tensor_key(paths, model.visual_query, "weight"))
+        table = state_dict.get(tensor_key(paths, model.adapter_query, "weight"))
         if queries is None or table is None or queries.shape[0] == 0 or table.shape[0] % queries.shape[0]:
             return None
         return int(table.shape[0] // queries.shape[0])

@@ -88,8 +88,8 @@ def format_shape_changes(before: Mapping[str, tuple], after: Mapping[str, tuple]
 
 
 def recipe_lines(steps: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per recipe step, naming only the strategy that step used (init grows, shrink cuts)."""
-    def how(s: Mapping[str, Any]) -> str:
-        return f"init {s['init']}, seed {s['seed']}" if s["to"] > s["from"] else f"shrink {s['shrink']}"
+    """One line per recipe step (`surgery.recipes.describe_step`): a count with only the strategy
+    it used (init grows, shrink cuts), or an option with the keys that changed."""
+    from surgery.recipes import describe_step  # imports torch: only once a model or file is open
 
-    return [f"  {i}. {s['site']}: {s['from']} -> {s['to']}  ({how(s)})" for i, s in enumerate(steps, 1)]
+    return [f"  {i}. {describe_step(s)}" for i, s in enumerate(steps, 1)]

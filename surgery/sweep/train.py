@@ -104,8 +104,7 @@ def chosen_rows(model: nn.Module, sites: str | Iterable[str] | None = None, rows
             if value is None:
                 continue
             if not isinstance(value, nn.Parameter):
-                prefix = paths.get(id(t.module), "?")
-                raise SweepError(f"trainable: site {name!r} keeps its tokens in {prefix}.{t.name}, a buffer, not "
+                raise SweepError(f"trainable: site {name!r} keeps its tokens in {t.key(paths)}, a buffer, not "
                                  f"a parameter; an optimizer cannot train it")
             viewed = torch.zeros(t.view if t.view is not None else value.shape, dtype=torch.bool,
                                  device=value.device)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -39,7 +40,10 @@ class Layout:
     `model` is a registered model name the tensors load into (with `model_kwargs`, the counts
     the plugin read from the shapes); `partial` says the file holds only part of that model's
     weights (an adapter without its language model), so loading it leaves the other tensors as
-    they are; `options` are model options (`surgery.options`) the layout implies.
+    they are; `options` are model options (`surgery.options`) the layout implies. `save(model,
+    path)`, when given, writes a model back in this layout (a partial one: only the file's keys),
+    which `surgery resize` does for a partial file; it raises a `CheckpointError` for a path it
+    cannot write (say, a suffix of another format) before writing anything.
     """
 
     name: str
@@ -48,6 +52,7 @@ class Layout:
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     partial: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    save: Callable[[Any, Path], None] | None = None
     plugin: str = ""  # filled in by the core: which plugin recognised it
 
 

@@ -2,6 +2,7 @@
 
     model = build_model("vit_tiny_test", {})                        # plugin errors become typed ones
     model, name, origin = model_for_checkpoint(entry, state_dict)   # entry: the file's "surgery" metadata
+    model, name, origin = model_for_partial_layout(layout)          # an adapter file: the rest on meta
     model, path = pretrained_model("timm/vit_small_patch16_224")    # released weights already on this machine
 
 A model name is one a plugin registered, or one a plugin resolves (`surgery_resolve_model`: any
@@ -121,6 +122,48 @@ def model_for_checkpoint(entry: Mapping[str, Any], state_dict: Mapping[str, torc
                 f"tensors ({justified:,}) plus a margin of {SIZE_MARGIN:,}; it was not built. If you trust "
                 f"the file, pass --allow-large (allow_large=True)")
     return build_model(name, kwargs), name, origin
+
+
+def layout_model(layout: Any, model_name: str | None, where: str) -> str:
+    """The model to build for a file of a recognised layout: `model_name` (--model), else the
+    registered model the plugin found fits; a `CheckpointError` when neither is there."""
+    if model_name or layout.model:
+        return model_name or layout.model
+    known = ", ".join(sorted(get_host().models)) or "none"
+    raise CheckpointError(f"{where} is a {layout.name} (recognised by plugin {layout.plugin!r}) of an "
+                          f"architecture no registered model has; pass --model NAME (known models: {known})")
+
+
+def model_for_partial_layout(layout: Any, *, model_name: str | None = None,
+                             where: str = "the checkpoint") -> tuple[nn.Module, str, str]:
+    """The model a partial checkpoint layout's tensors belong to, holding them: (model, name, origin).
+
+    A partial file (`surgery.layouts.Layout.partial`: a LLaMA-Adapter adapter without its 7B
+    LLaMA) must not make the rest of the model real: the model (`layout.model` with the plugin's
+    `model_kwargs`, or `model_name`) is built on the meta device, which allocates nothing, and the
+    file's tensors become its own (`load_state_dict(assign=True)`). Every other tensor stays on the
+    meta device: shapes without values, enough to list and resize the sites whose tensors the file
+    holds and to write them back (`layout.save`), and nothing that runs the model.
+    """
+    from .checkpoint_io import listing
+
+    name = layout_model(layout, model_name, where)
+    spec = get_host().model_spec(name)
+    kwargs = {k: v for k, v in layout.model_kwargs.items() if k in spec.safe_kwargs} \
+        if spec.plugin == layout.plugin else {}
+    with torch.device("meta"):
+        model = build_model(name, kwargs)
+    expected = model.state_dict()
+    unexpected = [k for k in layout.state_dict if k not in expected]
+    mismatched = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                  for k, v in layout.state_dict.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{label} ({len(keys)}): {listing(keys)}"
+                for label, keys in (("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise CheckpointError(f"{where} ({layout.name}) does not fit model {name!r}: " + "; ".join(problems))
+    model.load_state_dict(layout.state_dict, strict=False, assign=True)
+    origin = "--model" if model_name else "the file's layout"
+    return model, name, origin
 
 
 def checked_kwargs(spec: ModelSpec, kwargs: Any, where: str) -> dict[str, Any]:

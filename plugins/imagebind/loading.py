@@ -50,15 +50,22 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
     return read_checkpoint(path)[0]
 
 
+def modality_of(key: str) -> str | None:
+    """The modality an official key belongs to ('<group>.<modality>.*', or 'point_trunk.*'), or
+    None for a key that is not ImageBind's."""
+    group, _, rest = key.partition(".")
+    modality = POINT if group == POINT_TRUNK else rest.partition(".")[0]
+    return modality if (group in GROUPS or group == POINT_TRUNK) and modality in ALL_MODALITIES else None
+
+
 def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[str, ...]
                      ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the entries of `modalities`, the other modalities present). A key outside upstream's four
     groups, or of no known modality, means this is not an ImageBind checkpoint."""
     foreign, kept, skipped = [], {}, set()
     for key, value in state_dict.items():
-        group, _, rest = key.partition(".")
-        modality = POINT if group == POINT_TRUNK else rest.partition(".")[0]
-        if (group not in GROUPS and group != POINT_TRUNK) or modality not in ALL_MODALITIES:
+        modality = modality_of(key)
+        if modality is None:
             foreign.append(key)
         elif modality in modalities:
             kept[key] = value
@@ -73,14 +80,20 @@ def split_modalities(state_dict: Mapping[str, torch.Tensor], modalities: tuple[s
     return kept, sorted(skipped)
 
 
-def _check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+def fit_problems(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{"missing keys": [...], "unexpected keys": [...], "shape mismatches": [...]} of loading an
+    official state dict into `model` strictly (empty lists: it fits)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-              for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    problems = [f"{label} ({len(keys)}): {listing(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+    return {"missing keys": [k for k in expected if k not in state_dict],
+            "unexpected keys": [k for k in state_dict if k not in expected],
+            "shape mismatches": [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                                 for k, v in state_dict.items()
+                                 if k in expected and tuple(v.shape) != tuple(expected[k].shape)]}
+
+
+def _check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    problems = [f"{label} ({len(keys)}): {listing(keys)}" for label, keys in fit_problems(model, state_dict).items()
+                if keys]
     if problems:
         raise CheckpointError(f"{where} does not fit this ImageBind configuration: " + "; ".join(problems))
 
@@ -96,7 +109,6 @@ def imagebind_huge(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | 
     `init` (default: the site's `normal`, matched to the trained token; `copy`, `mean`, `zeros`,
     `interpolate` also work) or shrinking with `truncate`."""
     import surgery
-    from surgery.checkpoint import state_dict_counts
 
     from .model import ImageBindModel
 
@@ -120,24 +132,65 @@ def imagebind_huge(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor] | 
         with torch.device("meta"):
             probe = ImageBindModel(base)
         state_dict, _ = split_modalities(state_dict, probe.modalities)
-        found = state_dict_counts(probe, state_dict)
-        counts = {name.rpartition(".")[2]: k for name, k in found.items() if name.rpartition(".")[2] != "text"}
-        fitted = ImageBindConfig(out_embed_dim=base.out_embed_dim, modalities=base.modalities,
-                                 text_logit_scale_init=base.text_logit_scale_init,
-                                 max_logit_scale=base.max_logit_scale)
-        for modality, k in counts.items():
-            fitted.modalities[modality].num_cls_tokens = k
-            fitted.modalities[modality].head_mode = "first"  # set after the counts are final
+        counts = file_counts(probe, state_dict)
         with torch.device("meta"):
-            model = ImageBindModel(fitted)
+            model = ImageBindModel(at_counts(base, counts))
         _check_fit(model, state_dict, where)
         model.load_state_dict(state_dict, strict=True, assign=True)  # the file's tensors become the parameters
         model = model.to(device=device, dtype=dtype)
     model.eval()
+    if isinstance(config, str):  # a registered model's config: recorded as `surgery.build` records it
+        _mark_registered(model, config)
     if num_cls_tokens:
         surgery.resize(model, **{f"num_cls_tokens.{m}": k for m, k in num_cls_tokens.items()}, init=init, seed=seed)
     model.write_head_modes(modes)  # part of building the model: not a change to record
     return model
+
+
+def file_counts(probe: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """{modality: CLS-token count} of an official state dict of `probe`'s modalities (text, which has
+    none, left out), read as the token sites read them (`surgery.checkpoint.state_dict_counts`)."""
+    from surgery.checkpoint import state_dict_counts
+
+    found = state_dict_counts(probe, state_dict)
+    return {name.rpartition(".")[2]: k for name, k in found.items() if name.rpartition(".")[2] != "text"}
+
+
+def at_counts(config: ImageBindConfig, counts: Mapping[str, int]) -> ImageBindConfig:
+    """A copy of `config` with these CLS-token counts, every head in mode 'first' (any count takes
+    it; the modes asked for are set once the counts are final)."""
+    fitted = ImageBindConfig(out_embed_dim=config.out_embed_dim, modalities=copy.deepcopy(config.modalities),
+                             text_logit_scale_init=config.text_logit_scale_init,
+                             max_logit_scale=config.max_logit_scale)
+    for modality, k in counts.items():
+        fitted.modalities[modality].num_cls_tokens = k
+        fitted.modalities[modality].head_mode = "first"
+    return fitted
+
+
+def registered_kwargs(model: nn.Module, size: str) -> dict[str, Any]:
+    """The keyword arguments (the plugin's `safe_kwargs`) with which the registered model of config
+    `size` builds `model`'s architecture: its CLS-token counts where they differ from the config's,
+    and its modalities when they are a subset."""
+    named = ImageBindConfig.named(size)
+    counts = {m: model.num_cls_tokens(m) for m in model.modalities
+              if m != "text" and model.num_cls_tokens(m) != named.modalities[m].num_cls_tokens}
+    kwargs: dict[str, Any] = {"num_cls_tokens": counts} if counts else {}
+    if tuple(model.modalities) != tuple(named.modalities):
+        kwargs["modalities"] = list(model.modalities)
+    return kwargs
+
+
+def _mark_registered(model: nn.Module, size: str) -> None:
+    """Record the registered model of config `size` and its arguments on `model` (`surgery.build`'s
+    record), so that a `surgery.save` file of it names its model for the command line."""
+    from surgery.state import mark_built
+
+    from .plugin import MODELS
+
+    name = next((n for n, (s, _, _) in MODELS.items() if s == size), None)
+    if name is not None:
+        mark_built(model, name, registered_kwargs(model, size))
 
 
 def load_imagebind(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
@@ -155,4 +208,5 @@ def load_imagebind(model: nn.Module, source: str | os.PathLike | Mapping[str, to
     return surgery.load_state_dict(model, state_dict, mismatch=mismatch, init=init, shrink=shrink, seed=seed)
 
 
-__all__ = ["imagebind_huge", "load_imagebind", "read_state_dict", "split_modalities", "URL"]
+__all__ = ["imagebind_huge", "load_imagebind", "read_state_dict", "split_modalities", "modality_of", "fit_problems",
+           "file_counts", "at_counts", "registered_kwargs", "URL"]

@@ -39,6 +39,7 @@ from surgery.site import Counter, TokenSite, TokenTensor, tensor_key
 
 from .config import CLS_MODALITIES, HEAD_MODES, POINT, POINT_CLS_REASON, TEXT_CLS_REASON, ConfigError
 from .metrics import surgery_register_metrics  # noqa: F401 - this backbone's sweep metrics (a hook)
+from .layouts import surgery_checkpoint_layout  # noqa: F401 - imagebind_huge.pth, imagebind_w3D.pth (a hook)
 
 BACKBONE = "imagebind"
 SITE_PREFIX = "num_cls_tokens."
@@ -224,4 +225,4 @@ MODELS = {
 def surgery_register_models(register):
     for name, (size, device, description) in MODELS.items():
         register(name, _factory(size, device), BACKBONE, description=description, example_inputs=example_inputs,
-                 safe_kwargs=("num_cls_tokens",))
+                 safe_kwargs=("num_cls_tokens", "modalities"))  # counts; a file of some modalities only

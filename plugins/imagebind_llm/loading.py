@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -132,7 +132,6 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
     """
     from surgery_plugins.llama_adapter.tokenizer import Tokenizer
 
-    from .config import ImageBindLLMConfig
     from .model import ImageBindLLM
 
     llama_dir = Path(llama_dir)
@@ -164,26 +163,16 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
     if encoder.config.out_embed_dim != hp["in_dim"]:
         raise CheckpointError(f"the ImageBind encoder gives {encoder.config.out_embed_dim}-d embeddings but {where}'s "
                               f"image_bind_proj takes {hp['in_dim']}: not the encoder it was trained with")
-    config = ImageBindLLMConfig(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"], vocab_size=tokenizer.n_words,
-        multiple_of=params.get("multiple_of", 256), norm_eps=params.get("norm_eps", 1e-5),  # upstream defaults
-        max_batch_size=max_batch_size, max_seq_len=max_seq_len, lora_rank=hp["lora_rank"], phase=hp["phase"],
-        legacy_bridge=hp["legacy_bridge"], query_layer=hp["query_layer"], imagebind=encoder.config)
+    config = checkpoint_config(
+        hp, encoder.config, dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+        vocab_size=tokenizer.n_words, multiple_of=params.get("multiple_of", 256),
+        norm_eps=params.get("norm_eps", 1e-5),  # upstream defaults
+        max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     with torch.device("meta"):  # shapes only: the files' tensors become the parameters below
         model = ImageBindLLM(config, tokenizer)
     model.image_bind, model.config.imagebind = encoder, encoder.config  # the loaded encoder, not a meta copy
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(ENCODER)}
-
-    shape = (f"{hp['phase']} phase, query_layer={hp['query_layer']}"
-             + (", legacy_bridge" if hp["legacy_bridge"] else "") + f", {params['n_layers']} layers")
-    unexpected = sorted((k for k in adapter_sd if k not in expected or not is_official_key(k)), key=natural_key)
-    if unexpected:
-        raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
-                              f"describe ({shape}): {listing(unexpected)}")
-    missing = [k for k in expected if is_official_key(k) and k not in adapter_sd]
-    if missing:
-        raise CheckpointError(f"{where} lacks {len(missing)} key(s) of the architecture its tensors describe "
-                              f"({shape}): {listing(missing)}")
+    check_official_keys(adapter_sd, expected, hp, params["n_layers"], where)
     state: dict[str, torch.Tensor] = {}
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
@@ -211,7 +200,52 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"tensors left on the meta device after loading: {listing(left)}")
+    if isinstance(imagebind, str):  # the registered model it is, recorded as `surgery.build` records it
+        _mark_registered(model, config, imagebind)
     return model.to(device).eval()
+
+
+def checkpoint_config(hp: Mapping[str, Any], imagebind: Any, **llama: Any) -> Any:
+    """The `ImageBindLLMConfig` of a 7B.pth whose hyper-parameters are `hp` (`checkpoint_hparams`),
+    with encoder config `imagebind` and the LLaMA fields given (params.json's, or those the file shows)."""
+    from .config import ImageBindLLMConfig
+
+    return ImageBindLLMConfig(**llama, lora_rank=hp["lora_rank"], phase=hp["phase"],
+                              legacy_bridge=hp["legacy_bridge"], query_layer=hp["query_layer"], imagebind=imagebind)
+
+
+def check_official_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str], hp: Mapping[str, Any],
+                        n_layers: int, where: str) -> None:
+    """A 7B.pth's keys against the state-dict keys `expected` of the model its tensors describe:
+    every key one that 7B.pth carries, and every such key there. `load_official` and the checkpoint
+    layout both check so."""
+    expected = list(expected)
+    known = set(expected)
+    shape = (f"{hp['phase']} phase, query_layer={hp['query_layer']}"
+             + (", legacy_bridge" if hp["legacy_bridge"] else "") + f", {n_layers} layers")
+    unexpected = sorted((k for k in state_dict if k not in known or not is_official_key(k)), key=natural_key)
+    if unexpected:
+        raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
+                              f"describe ({shape}): {listing(unexpected)}")
+    missing = [k for k in expected if is_official_key(k) and k not in state_dict]
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} key(s) of the architecture its tensors describe "
+                              f"({shape}): {listing(missing)}")
+
+
+def _mark_registered(model: nn.Module, config: Any, imagebind: str) -> None:
+    """Record the registered model `model` is (name and safe arguments, as `surgery.build` does),
+    when one fits, so that a `surgery.save` file of it names its model for the command line."""
+    from surgery.state import mark_built
+    from surgery_plugins.imagebind.loading import registered_kwargs
+
+    from .layouts import registered_fit
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fit = registered_fit(shapes, config, imagebind=imagebind,
+                         encoder_kwargs=registered_kwargs(model.image_bind, imagebind), complete=True)
+    if fit is not None:
+        mark_built(model, *fit)
 
 
 # -- save ----------------------------------------------------------------------------------------------
@@ -269,4 +303,4 @@ def save_official(model: nn.Module, path: str | os.PathLike, *, imagebind_path: 
 
 
 __all__ = ["load_official", "save_official", "official_state_dict", "encoder_state_dict", "checkpoint_hparams",
-           "is_official_key", "RELEASES"]
+           "checkpoint_config", "check_official_keys", "is_official_key", "RELEASES"]

@@ -27,6 +27,8 @@ from torch import nn
 from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor
 
+from .layouts import surgery_checkpoint_layout  # noqa: F401 - the released 7B.pth (a hook)
+
 BACKBONE = "imagebind_llm"
 ENCODER_PATH = "image_bind"  # where upstream keeps the ImageBind model (keys `image_bind.*`)
 ENCODER_BACKBONE = "imagebind"
@@ -141,4 +143,5 @@ def surgery_register_models(register):
     for name, (size, device, description) in MODELS.items():
         register(name, _factory(size, device), BACKBONE, description=description,
                  example_inputs=example_inputs, forward=logits,
-                 safe_kwargs=("num_cls_tokens", "query_layer"))  # what a checkpoint's metadata may set: counts
+                 # what a checkpoint's metadata may set: counts, the encoder's modalities, the form of 7B.pth
+                 safe_kwargs=("num_cls_tokens", "query_layer", "modalities", "phase", "legacy_bridge", "lora_rank"))

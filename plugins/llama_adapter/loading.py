@@ -419,7 +419,7 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
     shapes that disagree between the files) raises CheckpointError naming the file and the keys.
     """
     from .clip import ClipVision, ClipVisionConfig, convert_openai_visual
-    from .model import AdapterConfig, LLaMAAdapter
+    from .model import LLaMAAdapter
     from .tokenizer import Tokenizer
 
     llama_dir = Path(llama_dir)
@@ -472,27 +472,16 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
         raise CheckpointError(f"{clip_where} gives {clip_cfg.output_dim}-wide features but the adapter's "
                               f"clip_proj takes {hp['clip_dim']} ({where}): not the CLIP it was trained with")
 
-    config = AdapterConfig(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"], vocab_size=tokenizer.n_words,
-        multiple_of=params.get("multiple_of", 256), norm_eps=params.get("norm_eps", 1e-5),  # upstream defaults
-        max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-        w_bias=hp["w_bias"], w_lora=hp["w_lora"], lora_rank=hp["lora_rank"], w_new_gate=hp["w_new_gate"],
-        clip=clip_cfg, v_embed_dim=hp["v_embed_dim"], v_depth=hp["v_depth"], v_num_heads=hp["v_num_heads"],
-        v_mlp_ratio=hp["v_mlp_ratio"], query_len=hp["query_len"], query_layer=hp["query_layer"])
+    config = adapter_config(
+        hp, clip_cfg, dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+        vocab_size=tokenizer.n_words, multiple_of=params.get("multiple_of", 256),
+        norm_eps=params.get("norm_eps", 1e-5),  # upstream defaults
+        max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     with torch.device("meta"):  # shapes only: the files' tensors become the parameters below
         model = LLaMAAdapter(config, tokenizer)
     expected = model.state_dict()
     clip_prefix = _model_prefix(model, ClipVision)
-
-    # the adapter checkpoint: every key must be the model's; its own part must be complete
-    unexpected = [k for k in adapter_sd if k not in expected or k.startswith(clip_prefix)]
-    if unexpected:
-        raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
-                              f"describe ({_describe(hp)}): {listing(sorted(unexpected, key=natural_key))}")
-    missing = [k for k in expected if is_adapter_key(k, clip_prefix) and not is_base_key(k) and k not in adapter_sd]
-    if missing:
-        raise CheckpointError(f"{where} lacks {len(missing)} adapter key(s) of the architecture its tensors "
-                              f"describe ({_describe(hp)}): {listing(missing)}")
+    check_adapter_keys(adapter_sd, expected, clip_prefix, hp, where)
     state: dict[str, torch.Tensor] = {}
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
@@ -536,7 +525,48 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
              for attr, value in vars(module).items() if isinstance(value, torch.Tensor) and value.is_meta]
     if left:
         raise CheckpointError(f"tensors left on the meta device after loading: {listing(left)}")
+    _mark_registered(model, config, expected)
     return model.to(device).eval()
+
+
+def adapter_config(hp: Mapping[str, Any], clip: Any, **llama: Any) -> Any:
+    """The `AdapterConfig` of an adapter whose hyper-parameters are `hp` (`adapter_hparams`), with
+    CLIP tower `clip` and the LLaMA fields given (params.json's, or those the adapter shows)."""
+    from .model import AdapterConfig
+
+    return AdapterConfig(
+        **llama, w_bias=hp["w_bias"], w_lora=hp["w_lora"], lora_rank=hp["lora_rank"], w_new_gate=hp["w_new_gate"],
+        clip=clip, v_embed_dim=hp["v_embed_dim"], v_depth=hp["v_depth"], v_num_heads=hp["v_num_heads"],
+        v_mlp_ratio=hp["v_mlp_ratio"], query_len=hp["query_len"], query_layer=hp["query_layer"])
+
+
+def check_adapter_keys(adapter_sd: Mapping[str, torch.Tensor], expected: Iterable[str], clip_prefix: str,
+                       hp: Mapping[str, Any], where: str) -> None:
+    """An adapter checkpoint's keys against the state-dict keys `expected` of the model its tensors
+    describe: every key must be the model's (none of CLIP's), and the adapter's own part complete
+    (the frozen LLaMA weights and CLIP excepted). `load_official` and the checkpoint layout both check so."""
+    expected = list(expected)
+    known = set(expected)
+    unexpected = [k for k in adapter_sd if k not in known or k.startswith(clip_prefix)]
+    if unexpected:
+        raise CheckpointError(f"{where} has {len(unexpected)} unexpected key(s) for the architecture its tensors "
+                              f"describe ({_describe(hp)}): {listing(sorted(unexpected, key=natural_key))}")
+    missing = [k for k in expected if is_adapter_key(k, clip_prefix) and not is_base_key(k) and k not in adapter_sd]
+    if missing:
+        raise CheckpointError(f"{where} lacks {len(missing)} adapter key(s) of the architecture its tensors "
+                              f"describe ({_describe(hp)}): {listing(missing)}")
+
+
+def _mark_registered(model: nn.Module, config: Any, expected: Mapping[str, torch.Tensor]) -> None:
+    """Record the registered model this one is (name and safe keyword arguments, as `surgery.build`
+    does), when one fits, so that `surgery.save` files of it name their model for the command line."""
+    from surgery.state import mark_built
+
+    from .layouts import registered_fit
+
+    fit = registered_fit({k: tuple(v.shape) for k, v in expected.items()}, config, complete=True)
+    if fit is not None:
+        mark_built(model, *fit)
 
 
 def _describe(hp: Mapping[str, Any]) -> str:
@@ -617,6 +647,8 @@ __all__ = [
     "load_official",
     "save_official",
     "adapter_hparams",
+    "adapter_config",
+    "check_adapter_keys",
     "adapter_state_dict",
     "official_config",
     "read_adapter_checkpoint",

@@ -29,6 +29,7 @@ from surgery import hookimpl
 from surgery.site import Counter, TokenSite, TokenTensor, tensor_key
 
 from .metrics import surgery_register_metrics  # noqa: F401 - the caption metric (a hook; ImageBind-LLM's too)
+from .layouts import surgery_checkpoint_layout  # noqa: F401 - the released adapter checkpoints (a hook)
 
 BACKBONE = "llama_adapter_v2"
 
@@ -175,4 +176,6 @@ MODELS = {  # tiny and bench decode with the package's tokenizer (their vocab_si
 def surgery_register_models(register):
     for name, (defaults, description) in MODELS.items():
         register(name, _factory(**defaults), BACKBONE, description=description,
-                 example_inputs=_images, forward=_logits, safe_kwargs=("query_len", "query_layer"))
+                 example_inputs=_images, forward=_logits,
+                 # the counts, and which released adapter (BIAS, LORA-BIAS): what an adapter file's keys say
+                 safe_kwargs=("query_len", "query_layer", "w_bias", "w_lora", "lora_rank", "w_new_gate"))

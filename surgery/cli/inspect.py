@@ -1,7 +1,8 @@
 """`surgery inspect TARGET`: a model's or a checkpoint's backbone, counts, sites and their tensors.
 
-Also `open_checkpoint`, which `resize` shares: build the model a checkpoint belongs to (named by
-its untrusted metadata, or by --model) and load the file into it.
+Also `open_file` (and `open_checkpoint`), which `resize` shares: build the model a checkpoint
+belongs to (named by its untrusted metadata, the layout a plugin recognised it as, or --model)
+and load the file into it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from surgery.commands import UsageError
@@ -37,26 +39,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def open_checkpoint(path: str, model_name: str | None, allow_large: bool = False) -> tuple[Any, dict[str, Any], str, str]:
+    """(model, the file's metadata, the model's name, where that name came from): `open_file`'s,
+    for callers that need no layout."""
+    opened = open_file(path, model_name, allow_large)
+    return opened.model, opened.metadata, opened.name, opened.origin
+
+
+@dataclass
+class Opened:
+    """A checkpoint file opened for a command: the model holding its weights, and how it was told."""
+
+    model: Any
+    metadata: dict[str, Any]  # {"surgery": {...}, other string entries} or {}
+    name: str  # the model's registered name
+    origin: str  # where that name came from
+    layout: Any = None  # the `surgery.layouts.Layout` a plugin recognised the file as, or None
+
+
+def open_file(path: str, model_name: str | None, allow_large: bool = False) -> Opened:
     """Build the model a checkpoint belongs to and load the file into it.
 
-    The model is named by the file's "surgery" metadata, or by `--model` (which wins, for a file
-    saved without it, such as a plain timm `.pth`). The metadata is untrusted: it may name only a
-    registered model and the keyword arguments its plugin declares safe, and a model larger than
-    the file justifies needs `--allow-large` (`surgery.model_source`). `surgery.load` resizes the
-    fresh model to the file's counts before loading, so any count the file has is fine.
-    Returns (model, the file's metadata: {"surgery": {...}, other string entries} or {},
-    the model's name, where that name came from).
+    The model is named by the file's "surgery" metadata, by the layout a plugin recognised the
+    file as (a released checkpoint: `surgery.layouts`, which also gives the file's counts), or by
+    `--model` (which wins, for a file saved without either, such as a plain timm `.pth`). The
+    metadata is untrusted: it may name only a registered model and the keyword arguments its
+    plugin declares safe, and a model larger than the file justifies needs `--allow-large`
+    (`surgery.model_source`). `surgery.load` resizes the fresh model to the file's counts before
+    loading, so any count the file has is fine. A partial layout (an adapter without its LLaMA)
+    gets its model on the meta device, only the file's tensors real (`model_for_partial_layout`).
     """
     import surgery
-    from surgery.checkpoint import read_checkpoint
-    from surgery.model_source import model_for_checkpoint
+    from surgery.layouts import read_any
+    from surgery.model_source import layout_model, model_for_checkpoint, model_for_partial_layout
 
-    state_dict, metadata = read_checkpoint(path)  # refuses a missing, unsafe or corrupt file
-    model, name, source = model_for_checkpoint(metadata.get("surgery") or {}, state_dict, model_name=model_name,
-                                               allow_large=allow_large, where=f"checkpoint {path!r}")
+    where = f"checkpoint {path!r}"
+    state_dict, metadata, layout = read_any(path)  # refuses a missing, unsafe, corrupt or broken file
+    if layout is not None and layout.partial:
+        model, name, source = model_for_partial_layout(layout, model_name=model_name, where=where)
+        return Opened(model, metadata, name, source, layout)
+    entry = metadata.get("surgery") or {}
+    if layout is not None and not entry and not model_name:  # the layout names the model, as metadata would
+        layout_model(layout, None, where)  # no registered model fits: the error asks for --model
+        entry = {"model": layout.model, "model_kwargs": dict(layout.model_kwargs)}
+    model, name, source = model_for_checkpoint(entry, state_dict, model_name=model_name,
+                                               allow_large=allow_large, where=where)
+    if layout is not None and source == "checkpoint metadata" and not metadata.get("surgery"):
+        source = "the file's layout"
     del state_dict  # only its sizes were needed; `load` reads the file again
+    if layout is not None:
+        layout.state_dict = {}
     surgery.load(path, model)
-    return model, metadata, name, source
+    return Opened(model, metadata, name, source, layout)
+
+
+def layout_text(layout: Any) -> str:
+    """What `inspect` and `resize` say about a file's layout."""
+    text = f"{layout.name} (recognised by plugin {layout.plugin!r})"
+    if layout.partial:
+        text += (f"; partial: the file holds {len(layout.state_dict)} of the model's tensors, the others are "
+                 f"shapes only (meta device)")
+    return text
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -105,9 +147,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if os.path.isfile(target):
         if args.pretrained:
             raise UsageError("--pretrained is for a model name; TARGET is a checkpoint file, whose weights are loaded")
-        model, metadata, name, origin = open_checkpoint(target, args.model, args.allow_large)
-        source = f"{name} (named by {origin})"
-        info.update(kind="checkpoint", model=name, metadata=metadata)
+        opened = open_file(target, args.model, args.allow_large)
+        model, source = opened.model, f"{opened.name} (named by {opened.origin})"
+        info.update(kind="checkpoint", model=opened.name, metadata=opened.metadata)
+        if opened.layout is not None:
+            info["layout"] = {"name": opened.layout.name, "plugin": opened.layout.plugin,
+                              "partial": opened.layout.partial, "text": layout_text(opened.layout)}
     elif os.path.exists(target):
         raise CheckpointError(f"{target!r} is not a file")
     else:
@@ -121,6 +166,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"{info['kind']}: {target}")
     print(f"model:    {source}")
+    if info.get("layout"):
+        print(f"layout:   {info['layout']['text']}")
     print(f"backbone: {info['backbone']}")
     print(f"counts:   {counts_text(info['counts'])}")
     if info["options"]:  # plugin-owned state outside the weights (surgery.options)

@@ -2,18 +2,23 @@
 
 Every check that needs no model runs first (a mistyped command fails at once); CKPT is never
 written, and `surgery.save` writes OUT atomically, so a failure leaves no file half-written.
+A partial file of a released layout (a LLaMA-Adapter adapter, ImageBind-LLM's 7B.pth) is written
+back in its own layout by its plugin (`Layout.save`, atomic too), holding the file's keys only,
+at the new counts: what upstream's loader reads. Sites whose tensors it does not hold are refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
+from typing import Any
 
 from surgery.commands import UsageError
 
 from .arguments import add_allow_large_flag, add_pretrained_flag, add_set_option, requested_counts
 from .format import counts_text, format_shape_changes, print_lines, state_shapes
-from .inspect import add_model_option, open_checkpoint
+from .inspect import add_model_option, layout_text, open_file
 
 # Kept in words here so that `--help` needs no torch; `check_strategies` validates against
 # `surgery.strategies` itself, so a name listed here that no longer exists is still refused.
@@ -74,6 +79,26 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
+def check_partial(model: Any, layout: Any, requested: dict[str, int], src: str) -> None:
+    """A partial file (an adapter without its LLaMA) is resized only at sites whose tensors it holds,
+    and only when its plugin can write its layout back: anything else is refused before any change."""
+    import surgery
+    from surgery.errors import CheckpointError
+    from surgery.site import module_paths
+
+    if layout.save is None:
+        raise CheckpointError(f"{src} is a partial {layout.name} and plugin {layout.plugin!r} cannot write that "
+                              f"layout back, so it cannot be resized into a file")
+    paths, sites = module_paths(model), surgery.sites(model)
+    held = [n for n, s in sites.items() if s.tensors and all(t.key(paths) in layout.state_dict for t in s.tensors)]
+    for name in requested:
+        outside = [t.key(paths) for t in getattr(sites.get(name), "tensors", ()) if t.key(paths) not in layout.state_dict]
+        if outside:
+            raise CheckpointError(f"site {name}: its tensors ({', '.join(outside)}) are not in {src}, a partial "
+                                  f"{layout.name}; resize the file that holds them (sites of this file: "
+                                  f"{', '.join(held) or 'none'})")
+
+
 def cmd_resize(args: argparse.Namespace) -> int:
     """Load CKPT, resize, write OUT (an existing OUT, with --force, untouched on failure)."""
     import surgery
@@ -101,10 +126,16 @@ def cmd_resize(args: argparse.Namespace) -> int:
         model, src = pretrained_model(args.model)  # a CheckpointError saying where it looked, if not there
         if same_file(src, out):
             raise UsageError(f"-o {out!r} is the released weights' file; resize never writes its input")
-        metadata, name, origin = {}, args.model, "--model, released weights"
+        metadata, name, origin, layout = {}, args.model, "--model, released weights", None
     else:
-        model, metadata, name, origin = open_checkpoint(src, args.model, args.allow_large)
+        opened = open_file(src, args.model, args.allow_large)
+        model, metadata, name, origin, layout = (opened.model, opened.metadata, opened.name, opened.origin,
+                                                 opened.layout)
     print(f"loaded {src}: {name} (named by {origin}), {counts_text(surgery.counts(model))}")
+    if layout is not None:
+        print(f"layout: {layout_text(layout)}")
+    if layout is not None and layout.partial:
+        check_partial(model, layout, requested, src)
     before = state_shapes(model)
     changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
     for site, (old, new) in changes.items():
@@ -115,6 +146,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
     print_lines(format_shape_changes(before, state_shapes(model)))
     # The file's own metadata entries travel along; "surgery" is rewritten by save (new counts, recipe).
     kept = {k: v for k, v in metadata.items() if k != "surgery" and isinstance(v, str)}
-    surgery.save(model, out, metadata=kept)  # atomic: a temporary file renamed over OUT
+    if layout is not None and layout.partial:  # the file's own layout, its keys only (the plugin's writer)
+        layout.save(model, Path(out))  # atomic too
+    else:
+        surgery.save(model, out, metadata=kept)  # atomic: a temporary file renamed over OUT
     print(f"wrote {out}: {counts_text(surgery.counts(model))}")
     return 0

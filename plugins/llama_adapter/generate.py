@@ -24,7 +24,7 @@ from surgery.cli.arguments import requested_counts
 from surgery.commands import UsageError
 from surgery.errors import DeviceUnavailableError, ModelConfigError, ModelInputError
 
-from .generation import MODALITIES, Family, InputFile, choose_family, families
+from .generation import MODALITIES, Family, choose_family, families
 from .tokenizer import Tokenizer, format_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

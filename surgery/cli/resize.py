@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", nargs="?",
                    help="input checkpoint (.safetensors or .pth); none with --model NAME --pretrained")
     add_set_option(p, required=True)
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT); for a partial "
+                   "released file (an adapter checkpoint, 7B.pth), a file of the same layout")
     p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
     p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery.cli import main
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a snapshot's commit hash, as the hub gives one
 
 # -- no network: every connection refused and recorded ------------------------------------------------
@@ -264,3 +267,28 @@ def test_pretrained_is_for_a_model_name(tmp_path, capsys, monkeypatch, argv, men
     code, _, err = cli(capsys, *argv)
     assert_refused(code, err, mentions)
     assert sorted(os.listdir(tmp_path)) == ["vit.pth"]
+
+
+# -- the README's example -----------------------------------------------------------------------------
+
+
+def test_the_readme_timm_example_runs_as_written(tmp_path, monkeypatch, capsys, no_network):
+    text = README.read_text(encoding="utf-8")
+    block = next(b for b in text.split("```bash\n")[1:] if "--model deit3_small_patch16_224" in b).split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in block.strip().splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv[0] == "python":
+            exec(compile(argv[2], "README.md", "exec"), {})
+        else:
+            assert argv[0] == "surgery", line
+            code, out, err = cli(capsys, *argv[1:])
+            assert code == 0, err
+            outputs.append(out)
+    reference = timm.create_model("deit3_small_patch16_224", reg_tokens=4)  # timm's own 4-register DeiT III
+    reference.load_state_dict(load_file("deit3_reg4.safetensors"))  # strict
+    assert "deit3_small_patch16_224 (named by checkpoint metadata)" in outputs[-1]
+    assert "class_token=1, reg_tokens=4" in outputs[-1]
+    assert "class_token=1, reg_tokens=4" in outputs[0]  # DINOv2 with 4 registers, by its timm name
+    assert no_network == []

@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", nargs="?",
                    help="input checkpoint (.safetensors or .pth); none with --model NAME --pretrained")
     add_set_option(p, required=True)
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors file (never CKPT); for a partial "
-                   "released file (an adapter checkpoint, 7B.pth), a file of the same layout")
+    p.add_argument("-o", "--out", required=True, metavar="OUT",
+                   help="output .safetensors file (never CKPT); for a partial released file (an adapter "
+                        "checkpoint, 7B.pth), a file of the same layout")
     p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
     p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
@@ -93,7 +94,8 @@ def check_partial(model: Any, layout: Any, requested: dict[str, int], src: str) 
     paths, sites = module_paths(model), surgery.sites(model)
     held = [n for n, s in sites.items() if s.tensors and all(t.key(paths) in layout.state_dict for t in s.tensors)]
     for name in requested:
-        outside = [t.key(paths) for t in getattr(sites.get(name), "tensors", ()) if t.key(paths) not in layout.state_dict]
+        keys = [t.key(paths) for t in getattr(sites.get(name), "tensors", ())]
+        outside = [k for k in keys if k not in layout.state_dict]
         if outside:
             raise CheckpointError(f"site {name}: its tensors ({', '.join(outside)}) are not in {src}, a partial "
                                   f"{layout.name}; resize the file that holds them (sites of this file: "

@@ -1,13 +1,9 @@
 """A model's backbone and token sites as the plugins declare them, and the checks a request passes
-before anything changes.
+before anything changes (`backbone_of`, `sites`, `check_request`).
 
-    backbone_of(model)               -> "timm_vit"
-    sites(model)                     -> {name: TokenSite}, in application order
-    check_request(declared, {...})   -> SiteError / CountError / StrategyError, or nothing
-
-`sites` asks every plugin (about every part of a composed model, `surgery.compose`) and checks
-what comes back (`surgery.verify`), so it is the costly call: the engine's transaction reads the
-sites once per call and again only after a change that may have moved them.
+`sites` asks every plugin about every part of the model and verifies the answers, so it is the costly
+call: the engine's transaction reads the sites once per call, and again only after a change that may
+have moved them.
 """
 
 from __future__ import annotations
@@ -152,4 +148,5 @@ def check_declaration(site: TokenSite, declared: Mapping[str, TokenSite], paths:
                    f"outside its extent {extent}")
 
 
-__all__ = ["backbone_of", "sites", "read_sites", "counts", "validate", "check_request", "check_count", "check_declaration"]
+__all__ = ["backbone_of", "sites", "read_sites", "counts", "validate", "check_request", "check_count",
+           "check_declaration"]

@@ -24,8 +24,9 @@ class ModelState:
     """What the engine keeps on a model. Replaced, never mutated, so the journal can put the previous one back."""
 
     recipe: tuple[dict, ...] = ()  # the steps that made the model what it is (`surgery.recipes`)
-    stash: Mapping[str, tuple[Piece, ...]] = dataclasses.field(default_factory=dict)  # per tensor: rows a truncate dropped
-    parked: Mapping[str, nn.Parameter] = dataclasses.field(default_factory=dict)  # per tensor: a parameter absent at count 0
+    # per tensor key: the rows a truncate dropped (`surgery.rows`), and a parameter absent at count 0
+    stash: Mapping[str, tuple[Piece, ...]] = dataclasses.field(default_factory=dict)
+    parked: Mapping[str, nn.Parameter] = dataclasses.field(default_factory=dict)
     model_name: str | None = None  # registered name, when built by `surgery.build`
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -272,11 +272,12 @@ class Transaction:
             raise during from exc
         if failure is not None and not isinstance(failure, Exception):
             raise failure from exc
-        if isinstance(exc, Exception) and not isinstance(exc, SurgeryError):
-            exc = self._failure(exc)
+        raised = self._failure(exc) if isinstance(exc, Exception) and not isinstance(exc, SurgeryError) else exc
         if failure is not None:
-            exc.add_note(f"(announcing the rollback also failed: {failure})")
-        raise exc
+            raised.add_note(f"(announcing the rollback also failed: {failure})")
+        if raised is exc:
+            raise exc
+        raise raised from exc
 
 
 def undo_block(model: nn.Module) -> Callable[[Block], None]:

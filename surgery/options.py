@@ -7,9 +7,11 @@ A token count lives in the weights (a tensor's extent), so a checkpoint carries 
 Some state does not: ImageBind's heads read the first, the mean or all of the CLS tokens, and a
 file that forgot which would load 8 CLS tokens in `all` mode back as `first`. Plugins report
 such options with `surgery_model_options(model, backbone)` and set them with
-`surgery_apply_options(model, backbone, options, edit)`. `surgery.save` writes them into the
-"surgery" metadata entry (under "options"), `surgery inspect` shows them, and `surgery.load`
-applies them inside its journal, so a failed load leaves the old options in place.
+`surgery_apply_options(model, backbone, options, edit)`. Users change them with
+`surgery.set_options` (a transaction, like a resize: a recipe step, announced, undoable);
+`surgery.save` writes them into the "surgery" metadata entry (under "options"), `surgery inspect`
+shows them, and `surgery.load` applies them inside its transaction, so a failed load leaves the
+old options in place.
 
 A file only ever supplies data: an option can be set only when a plugin reports that name for
 this model, each value is plain JSON of bounded depth and size, and the plugin that owns it

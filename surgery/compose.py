@@ -1,26 +1,10 @@
 """Composed models: a model of one backbone that contains a model of another as a sub-model.
 
-ImageBind-LLM holds an ImageBind encoder at `image_bind`; that encoder's token sites
-(`num_cls_tokens.<modality>`) are declared by the imagebind plugin. Rather than declare them again,
-the ImageBind-LLM plugin says where the encoder is and what it is:
-
-    @hookimpl
-    def surgery_submodels(model, backbone):
-        if backbone == "imagebind_llm":
-            return [("image_bind", "imagebind")]      # (attribute path, backbone of the sub-model)
-
-and the engine asks every plugin about every *part* of the model: the model itself with its own
-backbone, then each declared sub-model with its backbone (recursively: a sub-model may declare
-sub-models of its own). The per-model hooks (`surgery_token_sites`, `surgery_apply_count`, the
-resize events, the model options) are called once per part with `model=<the part>` and
-`backbone=<its backbone>`, so a plugin's hooks see the same kind of model whether it stands alone
-or inside another one. The sites of all parts form one namespace (a clash of names is a
-`PluginConflictError`), and tensors are named by their path from the top model, so checkpoints,
-recipes and stashes of a composed model work as for any model.
-
-A declaration is checked before it is used: the path must name a submodule (not the model
-itself), the backbone must be registered and its detector must claim that submodule, and no
-submodule may be declared twice. Any violation is a `PluginError` naming the plugin.
+A plugin declares its sub-models (`surgery_submodels`: ImageBind-LLM's ImageBind encoder at
+`image_bind`) instead of declaring their sites again; the engine then calls the per-model hooks once
+per part, with that part and its backbone. Sites share one namespace and tensors keep their paths from
+the top model, so checkpoints, recipes and `tokens(...)` work as on any model. Each declaration is
+checked before use (a `PluginError` naming the plugin). For plugin authors: docs/plugins.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """One model, one surgery at a time: a lock per model, and the `tokens(...)` blocks open on it.
 
-Surgery on a model (a resize, a recipe replay, a `tokens(...)` block for as long as it is open) holds
-the model's lock, so another thread's surgery on it waits instead of interleaving with it: two
-interleaved blocks would each put back the other's tensors, and the model would be left with
-counts, rows and counters that disagree. The lock is reentrant, so surgery nests in one thread.
-
-Blocks must be left innermost first. `Guard.leave` detects a block left while blocks opened
-inside it are still open: it undoes those first, then the block, so the model is back where the
-block found it, and raises a `NestingError`; leaving an inner block afterwards raises one too.
-
-Locks live beside the models (weakly keyed), not on them, so a model still copies and pickles.
+Interleaved surgery would leave counts, rows and counters that disagree, so a resize, a replay or an
+open `tokens(...)` block holds the model's (reentrant) lock. Blocks are left innermost first: leaving
+one with inner blocks still open undoes those too and raises a `NestingError`. Locks live beside the
+models (weakly keyed), not on them, so a model still copies and pickles.
 """
 
 from __future__ import annotations

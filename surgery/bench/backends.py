@@ -1,18 +1,9 @@
-"""The backends of each fused op on each device, for `surgery bench kernels` (kernels.py).
+"""The backends of each fused op on each device, as `surgery bench kernels` calls them.
 
-    upstream   upstream's eager form: `repeat` + `cat`; a per-layer `repeat` + add loop (a list of
-               L tensors); the eager adapter branch (reference.py: seven small ops)
-    compile    torch.compile of the broadcast form (reference.py), allocating, one compile per shape
-    cpp        the C++ CPU kernel (torch.ops.surgery.<op>), allocating its output     [CPU]
-    cpp.out    the same writing into a preallocated output (the .out overload)         [CPU]
-    cuda, cuda.out       the CUDA kernels, as cpp / cpp.out                            [GPU]
-    triton, triton.out   the Triton kernels (torch.ops.surgery.<op>_triton[_out])        [GPU]
-
-The kernels are called through their torch ops, not the `surgery.ops` dispatcher, so the times are
-the kernels' (the dispatcher's argument checks are a constant few microseconds per call).
-Triton on CPU runs only under its interpreter, which is not a kernel worth timing: GPU only.
-A backend of the other device (`cuda` on a CPU run) is refused (`require_backends_on`), never
-silently dropped.
+upstream (the eager form), compile (torch.compile of the broadcast form), cpp / cpp.out on CPU, cuda /
+cuda.out and triton / triton.out on GPU. Kernels are called through their torch ops, not the
+`surgery.ops` dispatcher, so the times are the kernels' own. Triton's CPU interpreter is not worth
+timing (GPU only), and a backend of the other device is refused rather than silently dropped.
 """
 
 from __future__ import annotations

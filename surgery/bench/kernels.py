@@ -1,34 +1,9 @@
 """Each fused op x backend x shape x dtype, against its limits (`surgery bench kernels`).
 
-Backends: those of the chosen device (backends.py: upstream, compile, cpp, cpp.out on CPU;
-upstream, compile, cuda, cuda.out, triton, triton.out on GPU), timed interleaved with the same-run
-references (limits.py):
-    copy       the copy limit: `dst.copy_(src)` of the op's size, preallocated
-    fill       the write-only floor: `out.zero_()` of the op's output, preallocated
-    memset     the same with C's memset (CPU); the faster of fill and memset is the floor
-
-Shapes: the 7B shapes (L=31 adapted layers, D=4096, CLIP width C=768, N=257 CLIP tokens, H=32
-heads of hd=128, one decoding position T=1) at Q in {10, 64, 256} x B in {1, 8}, and a size
-sweep over the batch at Q=10 (B up to 64) for the GB/s-against-size plots.
-
-Bytes the op must move (read every input once, write the output once):
-    query_concat        Q*C + B*N*C + B*(Q+N)*C elements
-    adapter_add         L*Q*D + B*Q*D + L*B*Q*D
-    adapter_attention   2*B*H*T*hd (xq in, out) + 2*B*H*Q*hd (k_t, v) + H + 1 (gates)
-The copy has the output's size for query_concat and adapter_add; for adapter_attention, whose
-output is one row per head, it has the size of k_t and v (what it must read): a copy of its
-output would measure nothing but call overhead. The fills have the output's size, and for the
-same reason adapter_attention has none. Every row carries `bytes` (what its own callable moves: the
-copy's and the fill's for those rows) and `op_bytes` (what the op of its case must move), and its
-fraction of each limit measured in the run; `limit` names the one `fraction_of_limit` is against.
-
-`--backends` names backends of the device the run is on; one of the other device (`cuda` on a
-CPU run, `cpp` on a GPU run) is refused with DeviceUnavailableError before anything runs.
-
-Before any backend is timed its output is compared with the reference (exactly for query_concat
-and adapter_add, which are a copy and one add in the dtype; for adapter_attention with the fp32
-reference rounded to the dtype, within the tolerances of tests/ops). A backend that disagrees,
-or fails, is refused: it gets a row with status "refused" and the reason, and no time.
+Shapes are the 7B ones (L=31, D=4096, C=768, N=257, H=32, hd=128, T=1) at Q in {10, 64, 256} x B in
+{1, 8}, plus a batch sweep at Q=10 for the GB/s-against-size plots. Each backend's output is checked
+against the reference before it is timed; one that disagrees or fails gets a "refused" row and no
+time. The limits and the columns are explained in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -102,7 +77,8 @@ class Case:
         return n * self.element_size
 
     def copy_numel(self) -> int:
-        """Elements of the copy limit (see the module docstring)."""
+        """Elements of the copy limit: the output's; for adapter_attention k_t's and v's (what it must
+        read: a copy of its one-row-per-head output would time only the call)."""
         d = self.d
         if self.op == "adapter_attention":
             return 2 * d["B"] * d["H"] * d["Q"] * d["hd"]
@@ -157,7 +133,8 @@ def grid(dtypes: Sequence[torch.dtype], quick: bool, ops: Sequence[str] = OPS) -
 
 
 def verify(case: Case, backend: str, result: Any, args: tuple) -> None:
-    """Raise OutputMismatchError unless `result` agrees with the reference (see the docstring)."""
+    """Raise OutputMismatchError unless `result` agrees with the reference: exactly for the copy-and-add
+    ops, for adapter_attention with the fp32 reference rounded to the dtype (ATTENTION_TOL)."""
     from ..ops import reference
 
     got = torch.stack(result) if isinstance(result, (list, tuple)) else result

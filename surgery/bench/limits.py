@@ -1,36 +1,11 @@
 """The limits a memory-bound op is measured against, each named for what it is.
 
-The fused ops move bytes and do almost no arithmetic, so what bounds them is memory traffic.
-Three reference measurements, named the same in every CSV / JSON row, summary and plot:
-
-* "copy limit": a same-run `copy_` of a tensor of the op's output size into a preallocated one
-  (for `adapter_attention`, of k_t and v: what it must read). It reads and writes every element,
-  so it bounds an op that reads about as much as it writes (`query_concat`); an op that reads far
-  less than it writes (`adapter_add`: its inputs are 1/B of its output and stay in cache) can beat
-  it, and a fraction above 1 then says so rather than anything impossible.
-* "write-only floor": a same-run fill of a preallocated tensor of the op's output size. Every op
-  must write its output at least once, so no implementation can be faster: floor time / op time is
-  at most 1 up to noise. Two fills are timed and the faster is the floor: torch's `zero_()` (at the
-  run's thread count; cached stores, so a large output is also read for ownership) and, on CPU, C's
-  `memset` (one thread; glibc streams large sizes with non-temporal stores, as the C++ kernels do:
-  2-3x faster than `zero_` from ~40 MB on the development VM). Measured for the ops whose output is
-  what they stream (`query_concat`, `adapter_add`); `adapter_attention` writes one row per head,
-  whose fill would time nothing but the call.
-* "device peak" (GPU): the device's peak memory bandwidth, fraction = op GB/s / peak GB/s.
-
-Both same-run references are timed interleaved with the op (a CPU's "peak" bandwidth is not a
-number anyone can look up, and caches make it depend on the size); on GPU they are reported beside
-the peak. Which one a row's `fraction_of_limit` is against is in its `limit` column (`headline`):
-the device peak where known, else the write-only floor where measured, else the copy limit.
-
-Peak bandwidth, first that applies:
-    1. an override: `--peak-gbps` or the environment variable SURGERY_PEAK_GBPS (GB/s, 1e9 B/s)
-    2. the device properties: 2 (double data rate) x memory clock x bus width, when torch
-       reports both (`memory_clock_rate` in kHz, `memory_bus_width` in bits; CUDA 13 no longer
-       reports the clock, torch then gives 0)
-    3. the table below, by device name (vendor data sheets; first matching entry wins, so the
-       more specific names come first)
-    4. unknown: the fraction of peak is left empty and the same-run references are the limits.
+The fused ops move bytes and do almost no arithmetic, so memory traffic bounds them. Three limits,
+named the same in every row, summary and plot: the "copy limit" (a same-run `copy_` of the op's
+size), the "write-only floor" (the faster of two same-run fills of its output: nothing can be faster)
+and, on GPU, the "device peak" bandwidth (override, device properties, or the table below). A CPU's
+peak is no number one can look up, so there the same-run references are the limits. What each bounds
+and when: docs/performance.md.
 """
 
 from __future__ import annotations

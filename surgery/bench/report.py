@@ -1,20 +1,12 @@
-"""Results on disk: a CSV and a JSON file per table, a Markdown summary, PNG plots.
+"""Results on disk, public for plugins' benchmarks: a CSV and a JSON file per table, Markdown, PNG plots.
 
-    env = environment(device, threads)            # device, versions, git commit, timestamp
-    write_table(out, "kernels", rows, env)        # kernels.csv + kernels.json
-    markdown_table(["op", "ms"], [["x", 1.0]])    # a GitHub table
-    plot_bandwidth(rows, out / "kernels_cpu_float32.png", "title", references={"copy": "copy limit"})
-    plot_bars(["q=10 b=1"], {"ours": [12.5]}, out / "e2e_decode_float32.png", "title", "tokens/s")
+    env = environment(device, threads)              # device, versions, git commit, timestamp
+    write_table(out, "kernels", rows, env)          # kernels.csv + kernels.json {"meta": env, "rows": [...]}
     write_summary(out, "Kernels", [("heading", markdown)], env)   # summary.md
 
-Every row carries the environment fields (device name, torch / triton versions, git commit,
-timestamp), so a CSV row read on its own still says where it was measured. The JSON file holds
-{"meta": env, "rows": [...]}, the CSV the same rows flat.
-
-Plots use matplotlib's Agg backend (no display needed); matplotlib is imported only here and
-only when a plot is drawn. matplotlib and tqdm are optional (the `plot` extra): without them the
-plot functions draw nothing and return None, `summary.md` says the plots were skipped, and
-`progress_bar` shows nothing. Everything here is public: plugins' benchmarks write through it.
+Every row carries the environment, so a CSV row read alone still says where it was measured.
+matplotlib (Agg) and tqdm are optional (the `plot` extra): without them plots and progress bars are
+skipped, the summary says so, and the tables are written all the same.
 """
 
 from __future__ import annotations

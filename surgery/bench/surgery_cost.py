@@ -1,36 +1,11 @@
 """What surgery itself costs on a model of any size (`surgery bench surgery --model NAME --change SITE=N`).
 
-The model is built by its registered name under `torch.device("meta")`: every tensor has a shape
-and no memory. Only the tensors of its token sites are materialised, on the chosen device, with
-random values: the base weights are never allocated (a 7B model costs nothing), and if the engine
-touched one of them the check below would see an op on a meta tensor. The model is named on the
-command line (the core knows none); the figures in docs/performance.md are LLaMA-Adapter V2's 7B
-(`python benchmarks/surgery_cost.py` gives its changes).
-
-For each change (a site and its new count, each measured from the model's own count) it measures:
-
-    resize        surgery.resize(model, site=new), and "resize back" to the original count
-    tokens enter  entering `with surgery.tokens(model, site=new)`, "tokens exit" leaving it,
-                  "tokens swap" both (a temporary swap, target < 50 ms)
-
-time    wall clock of each call (perf_counter; synchronised on GPU), p20 / p50 / p80 over repeats,
-        the action and its undo alternating so that the model is in the same state at each call
-memory  extra bytes at the peak of the call, and retained after it, relative to before:
-        CPU: torch.profiler's allocation events (`profile_memory=True`), summed in time order.
-        The CPU profiler sees the frees of blocks allocated during the call only, so on CPU
-        "peak" is an upper bound (frees of older tensors would only lower it) and "retained" is
-        what the call allocated and still holds (e.g. the new site tensor, not net of the old one).
-        GPU: torch.cuda.max_memory_allocated / memory_allocated, net. Target: peak <= 2x the
-        site's bytes (the larger of before and after: a growth must at least allocate its new tensors)
-floor   what any implementation of the change must do, timed in the same run: allocate the site's
-        tensors at their new size and write each once (the kept rows copied, a growth's new rows
-        drawn with torch's seeded generator, as the default `normal` init does). A growth's cost
-        is bounded below by it: drawing 31M normal values and faulting in 128 MB for query_len
-        10 -> 256 take most of a swap. `over_floor` = time / floor.
-touched every aten op the call runs is recorded (a TorchDispatchMode) with its tensor inputs;
-        an input that is a meta tensor (a base weight) or the storage of a tensor of the model
-        other than the changed site's counts as touched. Target: none. After the call, every
-        other parameter and buffer must still be the same object at the same version.
+The model is built by its registered name under `torch.device("meta")` and only its sites' tensors
+are made real, so a 7B model costs nothing and an op on a base weight shows as an op on a meta tensor.
+For each change it times resize, resize back and entering / leaving / swapping `tokens(...)` against a
+same-run floor (allocate the new tensors, write each once), measures the extra memory at the peak and
+after, and records every aten op to name any other tensor touched. Targets and results:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -206,7 +181,9 @@ def touched_by(model: nn.Module, site: str, action: Callable[[], Any]) -> list[s
 
 
 def memory_of(action: Callable[[], Any], device: torch.device) -> tuple[int, int, str]:
-    """(peak extra bytes, retained extra bytes, method) of one call of `action`."""
+    """(peak extra bytes, retained extra bytes, method) of one call of `action`. On CPU the profiler
+    sees only the frees of blocks allocated during the call: the peak is an upper bound, and retained
+    is what the call allocated and still holds (not net of the tensors it released)."""
     if device.type == "cuda":
         synchronize(device)
         base = torch.cuda.memory_allocated(device)

@@ -4,18 +4,9 @@
     times = time_many({"copy": f, "op": g}, device, budget=Budget.quick(), threads=2)
     times["op"].p50_ms                               # Timing: p20 / p50 / p80 in ms, samples, method
 
-CPU: `torch.utils.benchmark.Timer` at a fixed thread count (Timer runs at 1 thread unless told,
-so the count is passed explicitly and reported with every row), a warm-up, then `rounds` rounds
-of `blocked_autorange`, the callables interleaved round by round so that a drift in machine load
-hits all of them alike. A sample is the mean time of one block of runs.
-
-GPU: `triton.testing.do_bench` (it flushes the L2 cache before every run and times each run with
-CUDA events), interleaved the same way; without triton, the same loop written with CUDA events
-here. A sample is one run.
-
-`wall_times` is for stateful, Python-heavy work (a resize, entering `tokens(...)`) that cannot
-be repeated blindly by a Timer: each call is timed with `perf_counter`, with a device
-synchronisation on each side on GPU.
+Callables are timed interleaved, round by round, so that a drift in machine load hits all alike: on
+CPU by `torch.utils.benchmark.Timer` at an explicit thread count, on GPU by `triton.testing.do_bench`
+(or CUDA events). `wall_times` is for stateful work such as a resize, timed call by call.
 """
 
 from __future__ import annotations

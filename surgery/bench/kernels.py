@@ -24,7 +24,7 @@ from .timing import Budget, Timing, resolve_device, set_threads, synchronize, ti
 OPS = ("query_concat", "adapter_add", "adapter_attention")
 L7B, D7B, C7B, N7B, H7B, HD7B = 31, 4096, 768, 257, 32, 128
 COPY, FILLS, REFERENCES = limits.COPY, limits.FILLS, limits.REFERENCES  # the references' rows
-# adapter_attention against the fp32 reference rounded to the dtype (tests/ops/test_cpp.py: LOOSE)
+# adapter_attention against the fp32 reference rounded to the dtype (tests/ops/test_adapter_attention.py: LOOSE)
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (4e-3, 4e-3)}
 

@@ -10,8 +10,8 @@
 Nothing happens at import: importing `surgery` or `surgery.ops` neither loads the extension nor
 initialises CUDA, and the reason a load failed is kept for `surgery backends` rather than printed.
 Loading it registers the ops (torch.ops.surgery.*) and then their fake (meta) implementations and
-autograd formulas (`registration.py`). SURGERY_NO_EXTENSION=1 at run time leaves it unloaded, as if
-it had not been built (the ops then run their eager reference).
+autograd formulas (each op's own, from `registration.py`). SURGERY_NO_EXTENSION=1 at run time
+leaves it unloaded, as if it had not been built (the ops then run their eager reference).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ _lock = threading.Lock()
 _loaded = False
 _module: Optional[ModuleType] = None
 _error: Optional[str] = None
+_cuda_kernels = False
 _warned: set[str] = set()
 
 
 def _load() -> None:
-    global _loaded, _module, _error
+    global _loaded, _module, _error, _cuda_kernels
     if _loaded:
         return
     with _lock:
@@ -61,6 +62,11 @@ def _load() -> None:
                              f"or an install that skipped the build); rebuild with: {REBUILD}")
             except Exception as exc:  # ImportError (undefined symbol: built for another torch), OSError, ...
                 error = f"import failed: {type(exc).__name__}: {exc}; rebuild with: {REBUILD}"
+        if module is not None:
+            import torch
+
+            _cuda_kernels = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"surgery::{op}", "CUDA")
+                                for op in OPS)
         _module, _error, _loaded = module, error, True
     if module is not None:
         # fake tensors and autograd (registration.py registers them when imported)
@@ -91,12 +97,10 @@ def build_info() -> dict:
 
 
 def has_cuda_kernels() -> bool:
-    """Whether every op has a CUDA kernel registered (reads the dispatcher; does not touch CUDA)."""
-    if extension() is None:
-        return False
-    import torch
-
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"surgery::{op}", "CUDA") for op in OPS)
+    """Whether every op has a CUDA kernel registered (read from the dispatcher once, at load; does
+    not touch CUDA). A plain flag, so that `torch.compile` traces the backend choice."""
+    _load()
+    return _cuda_kernels
 
 
 def warn_fallback(device_type: str, reason: Optional[str] = None) -> None:

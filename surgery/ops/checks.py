@@ -5,7 +5,7 @@ The same checks run in two places, and fail in two ways:
 * `surgery.ops` (the public functions, before dispatch to any backend): `OpInputError`,
   "adapter_add: adapter has D=8 but visual_query has D=7; they must agree". Every backend,
   eager included, refuses bad input the same way.
-* the fake (meta) implementations of `torch.ops.surgery.*` (registration.py, triton_ops.py):
+* the fake (meta) implementations of the ops (each op's module, `<op>_op.py`):
   `RuntimeError`, "surgery::adapter_add: ...", word for word what the C++ kernels' TORCH_CHECK
   says (csrc/checks.h, which keeps its own copy for callers of `torch.ops.surgery.*`), so a
   FakeTensor is refused as the real kernel would refuse it.

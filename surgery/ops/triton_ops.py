@@ -11,10 +11,11 @@ docs/kernels.md are separate ops with other names):
 
 (torch before 2.15 ignores the explicit schemas of the `_out` ops and shows `Tensor(a2!) out`.)
 
-The functional ops have autograd formulas (`register_autograd`); the `_out` ops mutate `out`
-and have none (as torch's own `out=` functions: the public wrappers refuse them when a
-gradient would be needed). Call the public functions below (they check inputs with
-`checks.py`, then the backend can run here), or the ops directly with checked inputs.
+This module is the Triton backend only: kernels, launches, the ops' bodies and `available()`.
+Each op's fake and autograd formula are its own module's (query_concat_op.py, ...), registered
+here as for the compiled ops; the functional ops have autograd, the `_out` ops mutate `out` and
+have none (as torch's own `out=` functions). The inputs are checked by the public functions
+(`surgery.ops.<op>(..., backend="triton")`); the ops themselves launch unchecked.
 
 Kernels (all read their inputs through strides: sliced, transposed or expanded inputs are
 used in place, never copied; outputs are allocated contiguous, `out=` must be contiguous):
@@ -34,10 +35,10 @@ Where it runs (`available(device, dtype)`): CUDA tensors when triton imports; CP
 when these kernels were defined under `TRITON_INTERPRET=1` (set before importing triton and
 this module), and then float32 only (the interpreter has no bf16 arithmetic). Importing this
 module never fails and never initialises CUDA: without triton the ops are not registered and
-every public function raises `BackendUnavailableError` saying why.
+`surgery.ops` refuses the backend with `BackendUnavailableError` saying why.
 
-Under the interpreter the ops are registered as opaque custom ops (shape-only fake kernels,
-no decomposition into the kernels), because `wrap_triton` cannot trace an interpreted kernel:
+Under the interpreter the ops are registered as opaque custom ops (the ops' fakes, no
+decomposition into the kernels), because `wrap_triton` cannot trace an interpreted kernel:
 `torch.compile` then calls the op as an extern kernel, which the interpreter runs.
 """
 
@@ -49,8 +50,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import BackendUnavailableError
-from . import checks
+from . import adapter_add_op, adapter_attention_op, query_concat_op
 
 try:
     import triton
@@ -66,7 +66,7 @@ INTERPRETER_REASON = "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (
 INTERPRETER_DTYPE_REASON = ("Triton's interpreter (TRITON_INTERPRET=1) computes in float32 only (it has no "
                             "bfloat16/float16 arithmetic); got {dtype}: use float32 tensors, a GPU, or another backend")
 
-__all__ = ["INTERPRETED", "INTERPRETER_REASON", "adapter_add", "adapter_attention", "available", "query_concat"]
+__all__ = ["INTERPRETED", "INTERPRETER_REASON", "available"]
 
 
 # -- kernels -------------------------------------------------------------------------------------
@@ -215,7 +215,8 @@ def _attention_blocks(T: int, Q: int, hd: int) -> tuple[int, int, int, int]:
 
 # -- the ops -------------------------------------------------------------------------------------
 # The op bodies only allocate, compute launch parameters and launch (make_fx-traceable, as
-# triton_op requires); inputs are checked by the public functions.
+# triton_op requires): the inputs were checked by the public functions (surgery.ops). Each op's
+# fake and autograd are its own module's (query_concat_op.py, ...), as for the compiled ops.
 
 
 def _launch_query_concat(queries: Tensor, feats: Tensor, out: Tensor) -> None:
@@ -278,28 +279,6 @@ def _launch_adapter_attention(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, 
     )
 
 
-# The op bodies allocate their outputs unchecked (the public functions checked the inputs, and this
-# is the launch path); the fakes registered under the interpreter check as the C++ kernels do.
-
-
-def _query_concat_fake(queries: Tensor, feats: Tensor) -> Tensor:
-    return feats.new_empty(checks.query_concat_shape(checks.kernel("query_concat_triton"), queries, feats))
-
-
-def _adapter_add_fake(adapter: Tensor, visual_query: Tensor) -> Tensor:
-    shape = checks.adapter_add_shape(checks.kernel("adapter_add_triton"), adapter, visual_query)
-    return visual_query.new_empty(shape)
-
-
-def _adapter_attention_fake(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor]) -> Tensor:
-    shape = checks.adapter_attention_shape(checks.kernel("adapter_attention_triton"), xq, k_t, v, gate, new_gate)
-    return xq.new_empty(shape)
-
-
-def _out_fake(*args, **kwargs) -> None:
-    return None
-
-
 if triton is not None:
 
     @torch.library.triton_op("surgery::query_concat_triton", mutates_args=())
@@ -335,82 +314,32 @@ if triton is not None:
 
     if INTERPRETED:
         # wrap_triton hands an interpreted kernel back unwrapped, so tracing the op bodies would run
-        # numpy on fake tensors: keep the ops opaque (shape-only fakes, no functional decomposition).
+        # numpy on fake tensors: keep the ops opaque (the ops' own fakes, no functional decomposition).
         from torch._subclasses.functional_tensor import FunctionalTensorMode
 
         def _opaque(mode, op, types, args, kwargs):
             return mode.__torch_dispatch__(op, types, args, kwargs)
 
-        for _op, _fake in ((_query_concat_op, _query_concat_fake), (_query_concat_out_op, _out_fake),
-                           (_adapter_add_op, _adapter_add_fake), (_adapter_add_out_op, _out_fake),
-                           (_adapter_attention_op, _adapter_attention_fake)):
-            _op.register_fake(_fake)
-            _op.register_torch_dispatch(FunctionalTensorMode, _opaque)
+        def _returning_nothing(fake_out):  # the _out ops return () (a custom op cannot return an alias)
+            def fake(*args) -> None:
+                fake_out(*args)
+
+            return fake
+
+        for _defined, _fake in ((_query_concat_op, query_concat_op.fake),
+                                (_query_concat_out_op, _returning_nothing(query_concat_op.fake_out)),
+                                (_adapter_add_op, adapter_add_op.fake),
+                                (_adapter_add_out_op, _returning_nothing(adapter_add_op.fake_out)),
+                                (_adapter_attention_op, adapter_attention_op.fake)):
+            _defined.register_fake(_fake)
+            _defined.register_torch_dispatch(FunctionalTensorMode, _opaque)
+
+    for _defined, _op in ((_query_concat_op, query_concat_op), (_adapter_add_op, adapter_add_op),
+                          (_adapter_attention_op, adapter_attention_op)):
+        _defined.register_autograd(_op.backward, setup_context=_op.setup_context)
 
 
-# -- autograd ------------------------------------------------------------------------------------
-
-
-def _query_concat_setup(ctx, inputs, output) -> None:
-    ctx.Q = inputs[0].shape[0]
-
-
-def _query_concat_backward(ctx, grad: Tensor):
-    d_queries = grad[:, : ctx.Q].sum(0) if ctx.needs_input_grad[0] else None  # (Q, C)
-    d_feats = grad[:, ctx.Q:] if ctx.needs_input_grad[1] else None  # (B, N, C)
-    return d_queries, d_feats
-
-
-def _adapter_add_setup(ctx, inputs, output) -> None:
-    ctx.adapter_shape = inputs[0].shape
-
-
-def _adapter_add_backward(ctx, grad: Tensor):
-    d_adapter = grad.sum(1).reshape(ctx.adapter_shape) if ctx.needs_input_grad[0] else None  # (L, Q, D) | (L*Q, D)
-    d_vq = grad.sum(0) if ctx.needs_input_grad[1] else None  # (B, Q, D)
-    return d_adapter, d_vq
-
-
-def _adapter_attention_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)  # xq, k_t, v, gate, new_gate (None allowed)
-
-
-def _adapter_attention_backward(ctx, grad: Tensor):
-    """Recompute the forward in fp32 and apply the softmax-attention formulas; grads in the inputs' dtypes."""
-    xq, k_t, v, gate, new_gate = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    x, kt, vv, g1 = xq.float(), k_t.float(), v.float(), gate.float()
-    ng = new_gate.float() if new_gate is not None else None
-    g = g1 if ng is None else g1 * ng  # (1, H, 1, 1)
-    scale = 1.0 / math.sqrt(xq.shape[-1])
-    p = torch.softmax(torch.matmul(x, kt) * scale, dim=-1)  # (B, H, T, Q)
-    go = grad.float()  # (B, H, T, hd)
-    d_xq = d_kt = d_v = d_gate = d_new_gate = None
-    if need[2]:
-        d_v = torch.matmul((g * p).transpose(-1, -2), go).to(v.dtype)  # (B, H, Q, hd)
-    if need[0] or need[1]:
-        dp = g * torch.matmul(go, vv.transpose(-1, -2))  # (B, H, T, Q)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale  # (B, H, T, Q)
-        if need[0]:
-            d_xq = torch.matmul(ds, kt.transpose(-1, -2)).to(xq.dtype)  # (B, H, T, hd)
-        if need[1]:
-            d_kt = torch.matmul(x.transpose(-1, -2), ds).to(k_t.dtype)  # (B, H, hd, Q)
-    if need[3] or (ng is not None and need[4]):
-        gopv = (go * torch.matmul(p, vv)).sum((0, 2, 3), keepdim=True)  # (1, H, 1, 1): <dO, P v> per head
-        if need[3]:
-            d_gate = (gopv if ng is None else gopv * ng).to(gate.dtype)
-        if ng is not None and need[4]:
-            d_new_gate = (gopv * g1).sum().reshape(new_gate.shape).to(new_gate.dtype)
-    return d_xq, d_kt, d_v, d_gate, d_new_gate
-
-
-if triton is not None:
-    _query_concat_op.register_autograd(_query_concat_backward, setup_context=_query_concat_setup)
-    _adapter_add_op.register_autograd(_adapter_add_backward, setup_context=_adapter_add_setup)
-    _adapter_attention_op.register_autograd(_adapter_attention_backward, setup_context=_adapter_attention_setup)
-
-
-# -- availability and the public functions -------------------------------------------------------
+# -- where the kernels run -----------------------------------------------------------------------
 
 
 def available(device: torch.device, dtype: Optional[torch.dtype] = None) -> tuple[bool, str]:
@@ -436,37 +365,3 @@ def available(device: torch.device, dtype: Optional[torch.dtype] = None) -> tupl
         if torch.cuda.get_device_capability(index) < (8, 0):
             return False, "bfloat16 Triton kernels need a GPU of compute capability 8.0 or newer"
     return True, ""
-
-
-def _require(op: str, like: Tensor) -> None:
-    ok, why = available(like.device, like.dtype)
-    if not ok:
-        raise BackendUnavailableError(f"{op}: the Triton backend cannot run on {like.dtype} {like.device.type} "
-                                      f"tensors here: {why}")
-
-
-def query_concat(queries: Tensor, feats: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """(Q, C), (B, N, C) -> (B, Q+N, C): the queries broadcast over the batch, then the features."""
-    checks.query_concat(queries, feats, out)
-    _require("query_concat", feats)
-    if out is None:
-        return _query_concat_op(queries, feats)
-    _query_concat_out_op(queries, feats, out)
-    return out
-
-
-def adapter_add(adapter: Tensor, visual_query: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """(L, Q, D) or (L*Q, D), (B, Q, D) -> (L, B, Q, D): every layer's adapter plus the visual query."""
-    checks.adapter_add(adapter, visual_query, out)
-    _require("adapter_add", visual_query)
-    if out is None:
-        return _adapter_add_op(adapter, visual_query)
-    _adapter_add_out_op(adapter, visual_query, out)
-    return out
-
-
-def adapter_attention(xq: Tensor, k_t: Tensor, v: Tensor, gate: Tensor, new_gate: Optional[Tensor] = None) -> Tensor:
-    """new_gate * gate * softmax(xq k_t / sqrt(hd)) v in fp32, one rounding: (B, H, T, hd)."""
-    checks.adapter_attention(xq, k_t, v, gate, new_gate)
-    _require("adapter_attention", xq)
-    return _adapter_attention_op(xq, k_t, v, gate, new_gate)

@@ -50,10 +50,10 @@ def test_environment_variable_forces_a_backend(monkeypatch):
 
 
 def test_auto_prefers_cpp_on_cpu_when_loaded():
-    from surgery.ops import _choose
+    from surgery.ops.dispatch import choose
 
     expected = "cpp" if ops.can_run("cpp", CPU)[0] else "eager"
-    assert _choose(None, CPU) == expected
+    assert choose(None, torch.zeros(1)) == expected
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])

@@ -38,7 +38,7 @@ from torch import nn
 from surgery.checkpoint_io import listing, natural_key, write_atomically
 from surgery.errors import CheckpointError
 from surgery_plugins.llama_adapter.loading import (LLAMA, default_dtype, is_adapter_key, read_adapter_checkpoint,
-                                                   read_base_shards, read_params)
+                                                   read_base_shards, read_params, shape_error)
 
 ENCODER = "image_bind."  # the encoder's keys; not in 7B.pth (convert_ckpt.py drops them)
 RELEASES = {  # upstream's names and where they are published: nothing is downloaded here
@@ -177,9 +177,8 @@ def load_official(checkpoint: str | os.PathLike, llama_dir: str | os.PathLike,
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model built from "
-                                  f"{llama_dir / llama_type / 'params.json'} and {where} needs "
-                                  f"{tuple(expected[key].shape)}")
+            raise shape_error(key, tensor, expected[key], source, tokenizer_path,
+                              f"{llama_dir / llama_type / 'params.json'} and {where}")
         # cast and move one tensor at a time: the file's copy is freed as it goes
         state[key] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor
 

@@ -394,6 +394,20 @@ def _model_prefix(model: nn.Module, kind: type) -> str:
     raise CheckpointError(f"the model has no {kind.__name__} submodule")
 
 
+VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")  # (vocab, dim): their rows are the tokenizer's pieces
+
+
+def shape_error(key: str, tensor: torch.Tensor, expected: torch.Tensor, source: str, tokenizer_path: Path,
+                built_from: str) -> CheckpointError:
+    """The error for a file's tensor of a shape the model does not take. A vocabulary that differs
+    from the tokenizer's (the likeliest cause: a tokenizer.model of another LLaMA) says so."""
+    if key.endswith(VOCAB_KEYS) and tensor.dim() == 2 and tensor.shape[1:] == expected.shape[1:]:
+        return CheckpointError(f"{source}: {key} has {tensor.shape[0]} vocabulary rows but {tokenizer_path} has "
+                               f"{expected.shape[0]} pieces: the tokenizer is not this LLaMA's")
+    return CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model built from {built_from} "
+                           f"needs {tuple(expected.shape)}")
+
+
 def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike, llama_type: str = "7B",
                   clip_weights: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, max_seq_len: int = 512, max_batch_size: int = 1,
@@ -486,9 +500,8 @@ def load_official(adapter_ckpt: str | os.PathLike, llama_dir: str | os.PathLike,
 
     def put(key: str, tensor: torch.Tensor, source: str) -> None:
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model built from "
-                                  f"{llama_dir / llama_type / 'params.json'}, {where} and the CLIP weights "
-                                  f"needs {tuple(expected[key].shape)}")
+            raise shape_error(key, tensor, expected[key], source, tokenizer_path,
+                              f"{llama_dir / llama_type / 'params.json'}, {where} and the CLIP weights")
         if tensor.is_floating_point():  # cast and move one tensor at a time: the file's copy is freed here
             tensor = tensor.to(device=device, dtype=dtype)
         state[key] = tensor

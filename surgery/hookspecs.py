@@ -1,44 +1,11 @@
 """The hooks a backbone plugin implements: the token-count contract between plugins and the engine.
 
-A plugin is a module (or object) with functions named after these hooks, marked with
-`surgery.hookimpl`, and listed under the `surgery.backbones` entry-point group:
-
-    # pyproject.toml
-    [project.entry-points."surgery.backbones"]
-    my_backbone = "my_package.surgery_plugin"
-
-Which hooks a plugin needs:
-
-* `surgery_register_backbones`: the backbones it knows and how to recognise one ("which backbone
-  a model is"). Required for a plugin that brings a backbone.
-* `surgery_register_models`: named models it can build (a released size, a tiny one for tests),
-  so the CLI and the conformance kit can build any backbone without code.
-* `surgery_resolve_model`: models it builds by a name it did not register one by one (any timm
-  ViT by its timm name), asked only for a name no plugin registered.
-* `surgery_token_sites`: the token sites of a model (see `surgery.site`). A plugin may add sites
-  to another plugin's backbone; two plugins declaring the same site name is an error.
-* `surgery_submodels`: the sub-models of other backbones a model contains (ImageBind-LLM's
-  ImageBind encoder): the engine then asks every plugin about each of them too, so their sites,
-  events and options are the composed model's without being declared twice (`surgery.compose`).
-* `surgery_apply_count`: only for a count that changes the model's structure (which layers get
-  an adapter, say). Most sites are applied by the engine from their declaration alone.
-* `surgery_before_resize` / `surgery_after_resize`: events any plugin may observe, around every
-  change of counts (including the restore at the end of `surgery.tokens(...)` and the resize done
-  while loading a checkpoint) and of model options. A plugin that caches something derived from a
-  count drops it here.
-* `surgery_model_options` / `surgery_apply_options`: settings that are part of a model's state
-  but not of its weights (ImageBind's head modes): saved in a checkpoint's metadata, shown by
-  `surgery inspect`, restored by `surgery.load` (see `surgery.options`).
-
-* `surgery_checkpoint_layout`: recognise a checkpoint in a layout the plugin knows (an upstream
-  release, a Hugging Face folder) and rename its keys to its model's (`surgery.layouts`).
-* `surgery_register_commands`: commands of the `surgery` command line (`surgery generate`,
-  `surgery bench e2e`), from a light command module of its own (`surgery.commands`).
-* `surgery_register_metrics`: quality metrics for its backbones, which `surgery sweep` measures
-  at every token count (see `surgery.sweep.metrics` and docs/plugins.md).
-
-Registration hooks receive a `register` callback, so the host owns naming and collisions and
-knows which plugin registered what.
+A plugin is a module with functions named after these hooks, marked `@surgery.hookimpl` and listed
+under the `surgery.backbones` entry-point group (command modules: `surgery.commands`). A backbone
+needs `surgery_register_backbones`, `surgery_register_models` and `surgery_token_sites`; the others
+are for structure, caches, options, layouts, metrics and commands (when to implement which:
+docs/plugins.md). Registration hooks receive a `register` callback, so the host owns names and
+collisions and knows which plugin registered what.
 """
 
 from __future__ import annotations
@@ -208,7 +175,7 @@ def surgery_checkpoint_layout(path: Any, state_dict: Any) -> Any | None:
     Asked for every checkpoint without token-surgery metadata that `surgery.load`, `surgery
     inspect` or `surgery resize` reads. `path` is a `pathlib.Path` to a file, whose tensors the
     core has read safely (`state_dict`, keys as in the file, never to be changed in place), or to
-    a folder (`state_dict` None: read what the layout needs with `surgery.checkpoint.read_checkpoint`).
+    a folder (`state_dict` None: read what the layout needs with `surgery.checkpoint_io.read_checkpoint`).
     Recognise by what is there (key names, shapes, file names), cheaply; return None for anything
     else. A file of this layout that is broken (a missing key) raises a `CheckpointError` naming
     what is missing. Never import, open or download anything a file names.

@@ -2,12 +2,9 @@
 model was trained with it (LLaMA-Adapter V2's CLIP ViT-L/14, ImageBind's vision encoder).
 
     load_images(["dog.jpg", pil_image], image_size=224)   # (B, 3, 224, 224) fp32
-    clip_transform(224)                                    # the torchvision transform itself
 
-CLIP's recipe: bicubic resize of the short side to the size, center crop, RGB, [0, 1], then the
-OpenAI CLIP mean and std. Needs Pillow and torchvision (imported on first use only).
-`rgb_first=True` converts to RGB before resizing, as ImageBind's loader does (palette and RGBA
-images resize differently otherwise); LLaMA-Adapter's converts after the crop.
+Bicubic resize of the short side, center crop, RGB, [0, 1], OpenAI CLIP's mean and std. Pillow and
+torchvision are imported on first use only.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Optimizers follow a change of counts: `resize(model, ..., optimizer=opt)`, `tokens(..., optimizer=opt)`.
 
-A resized token parameter keeps its identity (it gets new `.data`), so an optimizer still holds it;
-what breaks is its per-parameter state: `exp_avg`, `exp_avg_sq`, `momentum_buffer`, ... still have
-the old rows, and the next step fails on the shape (or would train a token with another one's
-history). With `optimizer=` (one torch optimizer or several), every state tensor shaped like the
-parameter follows the site's rows by the parameter's own rules:
-
-* rows kept keep their state; new rows start with zero state, whatever made their values (a
-  drawn, averaged or copied token has no history), as do the rows `pool` or `interpolate` rewrote;
-* the state of rows a truncate drops is stashed on the optimizer, and comes back, bit for bit,
-  with the rows `restore` brings back (`surgery.rows`: in any order of sites sharing a tensor);
-* a parameter that leaves at count 0 (timm's `reg_token` becomes None) stays in its param group,
-  emptied, and comes back as the same object, frozen or not (this part holds without
-  `optimizer=` too); one new to the model that requires grad joins the param group holding
-  another parameter of its site (its positional rows, say), else the first group of the first
-  optimizer.
-
-State the optimizer has not made yet (before its first step) is made by it at the right shape.
-Every change goes through the engine's journal: a failed resize leaves the optimizers as they
-were, and leaving `tokens(...)` puts their original state tensors back.
+A resized parameter keeps its identity, so the optimizer still holds it, but its state (`exp_avg`,
+`momentum_buffer`, ...) still has the old rows and the next step would fail on the shape or train a
+token with another's history. Here every state tensor shaped like the parameter follows the site's
+rows (kept rows keep their state, new rows start at zero, dropped rows' state is stashed for
+`restore`), through the engine's journal so a failed resize leaves the optimizers as they were.
+The rules in full: docs/plugins.md, "Live models".
 """
 
 from __future__ import annotations

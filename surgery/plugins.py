@@ -1,22 +1,10 @@
 """The plugin host: finds backbone plugins through entry points and loads each one guarded.
 
-Built-in plugins (`surgery_plugins.*`, from the repository's `plugins/` folder) are listed under
-the `surgery.backbones` entry-point group exactly as a third-party plugin is; the core imports no
-plugin module by name.
-
-Guarded loading: a plugin that raises (or calls `sys.exit()`) while importing or registering
-is recorded as failed with its error and unregistered, with nothing it registered kept; the
-others load as usual. A plugin whose optional dependency is missing raises `PluginUnavailableError`
-on import and is listed as "unavailable" with the reason (never fatal, even in strict mode).
-The built-in plugins load first, so a third-party plugin can neither take
-a built-in backbone's name nor make a built-in fail: such a conflict is the newcomer's.
-A loaded plugin whose `detect` raises is "degraded": its backbone is left out of that
-identification and the error is kept on its record (`surgery plugins` shows it).
-Environment:
-  SURGERY_STRICT_PLUGINS=1   a plugin failure raises `PluginError` instead (1/true/yes/on;
-                             0/false/no/off or empty: off; anything else is refused)
-  SURGERY_PLUGINS=a,b        load only these entry points (set but empty: none); a name no
-                             entry point has is recorded as "missing"
+Built-in plugins are listed under `surgery.backbones` exactly as a third-party plugin is (the core
+imports none by name) and load first, so a newcomer can neither take a built-in's name nor make it
+fail. A plugin that raises while loading is recorded as failed with nothing it registered kept; one
+missing an optional dependency is "unavailable"; one whose `detect` raises is "degraded".
+SURGERY_STRICT_PLUGINS and SURGERY_PLUGINS: docs/plugins.md, "Loading".
 """
 
 from __future__ import annotations

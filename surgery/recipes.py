@@ -4,14 +4,9 @@
         {"site": "num_cls_tokens.vision", "from": 1, "to": 4, "init": "normal", "shrink": "truncate", "seed": 0},
         {"option": "head_mode", "from": {"vision": "first", ...}, "to": {"vision": "all", ...}}]}
 
-Two kinds of step: a change of a site's count (with the strategy and seed that made the new rows,
-so a replay is bit-exact) and a change of a model option (`surgery.options`: ImageBind's head
-modes), with the whole value before and after. Their order matters (`all` needs a CLS token), so
-a replay applies them in order, in one transaction (`surgery.transaction`).
-
-Recipes come from files, so `Recipe.from_json` checks every field: a malformed step is a
-RecipeError naming the step and the field. An option's values are plain JSON of bounded depth
-and size; whether a value is one the model takes is its plugin's to say when the step is replayed.
+A count step carries the strategy and seed that made its rows, so a replay is bit-exact; steps are
+replayed in order (`all` needs a CLS token) in one transaction. Recipes come from files, so
+`Recipe.from_json` checks every field (a RecipeError names the step and the field).
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Token sites: the declarative description of "a count of learned tokens" in a built model.
 
-A plugin describes each site of a model with a `TokenSite`: its current count, the constraints
-on it, every tensor that carries the count (and along which axis), the coupled rows of other
-tensors that belong to those tokens (positional embeddings of prefix tokens, say), and the plain
-attributes ("counters") that must follow the count. The engine (`surgery.engine`) applies any
-site from this description alone, so a plugin never writes resize code of its own unless a count
-changes the model's structure (then it implements the `surgery_apply_count` hook).
-
-Descriptors are snapshots: a plugin builds them from the model's current state each time it is
-asked, so offsets that depend on another site's count (register rows after the class-token row)
-are always current.
+A `TokenSite` names a site's count and constraints, every tensor that carries it (and along which
+axis), the coupled rows of other tensors that belong to those tokens (the positional rows of prefix
+tokens) and the attributes ("counters") that follow the count. The engine applies any site from this
+alone, so a plugin writes no resize code unless a count changes the model's structure. Descriptors
+are snapshots, rebuilt from the model's current state each time, so offsets that depend on another
+site's count are always current.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """How new tokens are made (growth) and how tokens are removed (shrink).
 
-Every strategy works on one site's block of one tensor, with the token axis moved to the front:
-`block` is `(n, *rest)` and the result is `(m, *rest)`. Statistics are taken over the token axis
-only, separately for every position of `rest` (for an adapter table seen as (L, Q, D) each of
-the L layers keeps its own statistics). Arithmetic is done in float32 and cast back, so bf16 and
-fp16 tables get the same new values as fp32 ones would, rounded once.
-
-Growth strategies keep the existing tokens and append new ones, except `interpolate`, which
-resamples the whole block to the new count. Shrink strategies: `truncate` keeps the first m
-tokens (the engine stashes the dropped ones so that growing back with `restore` brings them back
-bit-exactly); `pool` averages the block down to m tokens.
+Each strategy maps one site's block of one tensor, token axis first, `(n, *rest)` to `(m, *rest)`.
+Statistics are over the token axis only, per position of `rest` (each adapter layer keeps its own),
+in float32 and cast back, so bf16 and fp16 tables get fp32's values rounded once. Growth appends
+(`interpolate` resamples the whole block); `truncate` keeps the first m (the engine stashes the rest
+for `restore`), `pool` averages down to m.
 """
 
 from __future__ import annotations

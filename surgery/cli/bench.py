@@ -1,20 +1,9 @@
 """`surgery bench KIND`: a group command, each kind a benchmark with only its own options.
 
 The core's kinds are model-free: `kernels` (the fused ops against their limits) and `surgery` (the
-cost of `resize` and `tokens(...)`). Plugins add kinds from their command modules
-(`register("e2e", run, group="bench", ...)`), with the same shared options and ending:
-
-    from surgery.cli.bench import add_common_options, finish, output_folder
-
-    def add_arguments(parser):
-        add_common_options(parser)                 # --quick --device --out --threads --dtypes --no-progress
-        parser.add_argument("--batches", ...)      # the kind's own
-
-    def run(args):
-        ...results written to output_folder(args) (default out/bench/KIND)...
-        return finish(summary_markdown, output_folder(args), files)
-
-Nothing here imports torch at module level: every `surgery` call, `--help` included, reads it.
+cost of `resize` and `tokens(...)`). Plugins add kinds from their command modules, with the shared
+options and ending here (`add_common_options`, `output_folder`, `finish`; see docs/plugins.md,
+"Adding commands"). No torch at module level: every `surgery` call, `--help` included, reads it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """`surgery.sweep(...)`: plan the grid, run its cells (here or on Ray), write the results.
 
-    result = surgery.sweep(["vit_tiny_test"], {"reg_tokens": "0..8"}, inits=["normal", "zeros"],
-                           seeds=[0, 1], train_steps=30, out="out/sweep")
-    result.failed        # the cells that raised, with their errors
-    result.files         # results.csv, results.json, the plots, summary.md
-
-Before any cell runs, every model is loaded once here and everything that can be refused is
+Every model is loaded once here and everything that can be refused is refused before any cell runs
 (an unknown site, a metric that does not apply or cannot use the data, training without an
-objective), so a mistake costs seconds, not a grid. The local executor then reuses those
-models; the Ray executor's workers load their own.
+objective), so a mistake costs seconds, not a grid.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The `surgery sweep` command (registered by the core's command module, `surgery/cli/builtin.py`).
 
-    surgery sweep --quick                                   # the embedded default, end to end
-    surgery sweep vit_tiny_test --sites reg_tokens=0..8 --inits normal,zeros --metrics drift
-    surgery sweep ckpt.safetensors --sites reg_tokens=0,4,8 --data photos/ --train-steps 100
-    surgery sweep ... --executor ray [--address auto] [--workers 8] [--gpus-per-cell 1]
-
-Nothing here imports torch until the command runs (`surgery --help` stays instant). Errors are
-the CLI's: one line, no traceback. The exit status is 1 when any cell failed (its error is in the
-results and summary.md; the other cells ran).
+Nothing here imports torch until the command runs, so `surgery --help` stays instant. Errors are one
+line; the exit status is 1 when any cell failed (its error is in the results; the others ran).
+Options and examples: docs/sweeps.md.
 """
 
 from __future__ import annotations

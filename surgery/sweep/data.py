@@ -1,19 +1,11 @@
 """The data a sweep measures on: the user's files, or an embedded default with real signal.
 
     load_data(None)                    # scikit-learn's digits: 1797 8x8 images of 0..9 (shipped, no download)
-    load_data("photos/")               # an image folder: photos/<class>/<image> (or photos/{train,val}/<class>/...)
-    load_data("pairs.jsonl")           # a manifest: one JSON object per line
-    load_data("pairs.csv")             # the same columns, as CSV with a header
+    load_data("photos/")               # an image folder, or a JSONL / CSV manifest
 
-A data set is a list of records, each a dict of fields: `image` (a file, or an array for the
-embedded digits), `audio` (a file), `text` (a caption), `label` (a class name or index) and
-`split` (`train` or `eval`). Metrics say which fields they need and refuse a data set without
-them (`MetricDataError`); plugins turn the fields into model inputs with their own loaders
-(timm's data config, CLIP's preprocessing, ImageBind's tokenizer and audio pipeline, ...).
-
-Paths in a manifest are relative to the manifest's folder. Records without a `split` are split
-deterministically: a fixed permutation puts `eval_fraction` of them in `eval`. Training uses the
-`train` records only, metrics the `eval` records, so results with and without training compare.
+A data set is a list of records (`image`, `audio`, `text`, `label`, `split`); metrics refuse one
+without the fields they need, and plugins turn fields into inputs with their own loaders. Records
+without a split are split by a fixed permutation, so results with and without training compare.
 """
 
 from __future__ import annotations

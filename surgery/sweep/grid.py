@@ -1,15 +1,9 @@
 """The grid of a sweep: one `Cell` per model x counts x init strategy x seed (x head mode).
 
-    Grid(models=("vit_tiny_test",), sites={"reg_tokens": (0, 1, 2, 4, 8)}, inits=("normal", "zeros"))
-    cells(grid, training, baselines={"vit_tiny_test": {"class_token": 1, "reg_tokens": 0}}, ...)
-
-Sites are swept one at a time (the others at their baseline count) or jointly (`joint=True`:
-the product of every site's counts). The baseline (the model as loaded: its own counts and head
-mode, untrained) is always a cell. Cells that would compute the same thing are one cell: a
-count no site grows has no init strategy ("none"), and a cell where nothing is drawn at random
-(no `normal` growth, no training) runs for the first seed only. A cell's `key` hashes all
-that decides its numbers (model, counts, strategy, seed, head mode, training, metrics, data), so
-a rerun finds the cells it already has (`results.Store`).
+Sites are swept one at a time or jointly; the baseline (the model as loaded) is always a cell, and
+cells that would compute the same thing are one (no strategy for a count that grows nothing, one
+seed where nothing is drawn). A cell's `key` hashes all that decides its numbers, so a rerun finds
+the cells it already has (`results.Store`).
 """
 
 from __future__ import annotations

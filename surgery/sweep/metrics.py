@@ -1,22 +1,9 @@
-"""Metrics: what a sweep measures in every cell. One registry: the core's generic ones, plus those
-plugins register for their backbones (`surgery_register_metrics`, docs/plugins.md).
+"""Metrics: what a sweep measures in every cell. One registry: the core's `drift` (how far the outputs
+moved from the baseline on the model's registered example inputs), plus those plugins register for
+their backbones (`surgery_register_metrics`).
 
-    available(backbone)                     # {name: MetricSpec} that apply to a backbone
-    choose(["drift", "classify"], backbone, data, model)   # checked: applies, accepts the data
-    spec.compute(evaluation) -> {value name: float}
-
-Built in, for any model (`drift`): how far the outputs moved from the baseline (the model as
-loaded) on the same inputs, the inputs its plugin registered for the model (`example_inputs`,
-seeded) through its registered `forward`:
-
-    drift_cosine   1 - cosine similarity of each input's outputs (all output tensors, flattened), mean
-    drift_maxdiff  max |output - baseline output| over every output value
-    drift_kl       KL(baseline || cell) of the softmax of the logits, mean over rows; only where the
-                   forward returns one tensor of logits (not a dict of embeddings, not the features
-                   of a timm model built with num_classes=0)
-
-Each metric states the data it needs (`needs`) and refuses data it cannot use before any cell
-runs (`accepts`), with a `MetricDataError` naming what is missing.
+Each metric states the data it needs and refuses data it cannot use before any cell runs, with a
+`MetricDataError` naming what is missing. The metrics and their values: docs/sweeps.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """`surgery sweep --quick`: the whole loop on an embedded default, in well under two minutes on a CPU.
 
-1. A tiny timm ViT (the registered `vit_tiny_test`: 32 x 32 pixels in patches of 8, width 32, two
-   blocks, given one register token) is trained for a few hundred steps on scikit-learn's digits (8 x 8 images upsampled),
-   to about 90% top-1, and saved next to the results (`base_<recipe>.safetensors`; a rerun with
-   the same recipe reuses it: same seed, same weights).
-2. That checkpoint is swept: register tokens 0, 1, 2, 4, 8, grown with `copy`, `normal` and `zeros`,
-   the new tokens trained for 50 steps (everything else frozen), then classification top-1/top-5
-   and the output drift are measured for every count.
-
-What it shows: dropping the trained register costs accuracy; new registers change the outputs
-more the more there are, and once trained they win the accuracy back and more.
+A tiny timm ViT with one register token is trained on scikit-learn's digits (saved, and reused by
+a rerun with the same recipe), then its registers are swept (0, 1, 2, 4, 8; `copy`, `normal`,
+`zeros`; new tokens trained 50 steps) for top-1/top-5 and drift: dropping the trained register
+costs accuracy, and trained new registers win it back.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """`--executor ray`: the cells of a sweep as Ray tasks, on this machine or on a cluster.
 
-    run_ray(cells, plan, record, address=None, workers=2, cpus=1, gpus=0)
-
-Workers are Ray actors, each holding `cpus` CPUs and `gpus` GPUs (its request), each loading
-the models and the data once (a `runner.Session` per model, made on the first cell that needs
-it) and then running one actor task per cell. The cells go to whichever worker is free
-(`ray.util.ActorPool`), their results come back to this process, which writes them to the same
-files as the local executor (`results.Store`), as they arrive.
-
-Without `address` a local Ray is started with `workers * cpus` CPUs and shut down at the end;
-with one (`auto`, `ray://head:10001`, `head:6379`) the sweep joins that cluster and leaves it
-running. Workers read the data and checkpoint files by the paths given: on a cluster, put them
-on storage every node sees (docs/sweeps.md). Ray is an optional extra: `pip install "token-surgery[ray]"`.
+Workers are Ray actors that load the models and the data once, then take cells as they come free
+(`ray.util.ActorPool`); results return to this process, which writes the same files as the local
+executor. Without `address` a local Ray is started and shut down; with one the sweep joins that
+cluster and leaves it running. Ray is an optional extra (cluster setup: docs/sweeps.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""A sweep's results on disk, in `--out DIR`:
+"""A sweep's results on disk, in `--out DIR`: the resume log (cells.jsonl), tidy tables (results.csv,
+results.json), a plot per metric and site, saved generations and summary.md (docs/sweeps.md).
 
-    cells.jsonl      every cell's result as it finished (the resume log: a rerun skips the cells
-                     found here without an error; --force runs them again)
-    results.csv      tidy rows, one per cell and metric value: model, site, count, counts, init,
-    results.json     seed, head_mode, steps, lr, batch_size, rows, metric, value, seconds, error,
-                     versions, git commit (and the other environment fields, `bench.report`)
-    <metric>__<model>__<site>.png   the metric against the count, a line per init strategy (and
-                     head mode), seeds averaged, the baseline marked
-    generations/<cell key>.json     what a metric saved besides numbers (captions generated)
-    summary.md       the grid, a table per model and site, the failed cells, the files
-
-A failed cell is one row with its error (no metric, no value). Files are rewritten from the
-log after every run, so they always hold exactly the current grid's cells.
+A failed cell is one row with its error. Files are rewritten from the log after every run, so they
+always hold exactly the current grid's cells.
 """
 
 from __future__ import annotations

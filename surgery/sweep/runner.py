@@ -1,12 +1,9 @@
 """Running cells: a `Session` holds one model and the data, loaded once, and runs cells on them;
 `run_local` runs a list of cells in this process (the default executor).
 
-Each cell starts from the same loaded model: its head mode and counts are applied inside a
-journal and a `surgery.tokens(...)` block, its tokens trained (`train.train_tokens`), its metrics
-measured, and then everything is put back bit for bit (the trained rows too, from a copy taken
-before training), so the next cell, in any order, sees the model as loaded. Every random draw of
-a cell (the `normal` init, the training batches) comes from the cell's seed: same seeds, same
-numbers. A cell that raises is returned with its error; the model is put back all the same.
+Each cell applies its head mode and counts inside a journal and a `surgery.tokens(...)` block, trains,
+measures, and puts everything back bit for bit (trained rows too), so cells run in any order. Every
+random draw comes from the cell's seed; a cell that raises is returned with its error.
 """
 
 from __future__ import annotations

@@ -2,31 +2,11 @@
 
     with surgery.tokens(vit, reg_tokens=4, init="normal"):
         with surgery.trainable(vit, sites="reg_tokens", rows="new") as params:
-            opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
-            for x, y in batches:
-                opt.zero_grad()
-                loss_fn(vit(x), y).backward()
-                opt.step()
+            opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)   # then an ordinary loop
 
-`trainable` freezes every parameter of the model except those holding the chosen rows: the
-rows of the chosen sites' tokens (in every tensor the site declares, coupled positional rows
-included), either the rows a site gained (`rows="new"`) or all of its rows (`rows="all"`).
-A parameter holding chosen rows and others (a positional table whose patch rows must stay, an
-adapter table whose old queries must stay) is masked twice: a tensor hook zeroes the gradient
-of every other row, and after every optimizer step (any torch optimizer: the hook is global) the
-other rows are put back from a copy taken on entry, because weight decay and momentum move
-values whose gradient is zero. The rows not chosen are therefore bit-identical afterwards.
-Leaving the block removes the hooks and restores every `requires_grad` flag as it was.
-
-"New" rows are those beyond the count a site had when the innermost open `surgery.tokens(...)`
-block was entered (a sweep's cell), else beyond the count the model was built with (its recipe's
-starting count); `since={site: count}` says it explicitly. For a block anchored at its end (one
-adapter row per layer for the last layers), new rows are at the front, as the engine grows them.
-
-In a sweep: `fit` is one plain loop, AdamW over the parameters, batches drawn from the records in
-a seeded order (epochs of a fixed permutation), the model in train mode meanwhile;
-`train_tokens` runs it inside `trainable(...)` on the loss of the sweep's objective metric
-(cross-entropy for classification, caption NLL, contrastive for retrieval, ...).
+A parameter that holds chosen rows and others (a positional table, an adapter table) is masked
+twice: a tensor hook zeroes the other rows' gradient, and after every optimizer step they are put
+back from a copy, since weight decay and momentum move values whose gradient is zero.
 """
 
 from __future__ import annotations
@@ -59,7 +39,7 @@ class _Masked:
 
 def _since(model: nn.Module, names: Iterable[str], since: Mapping[str, int] | None,
            current: Mapping[str, int]) -> dict[str, int]:
-    """The count each site's "new" rows are counted from (see the module doc)."""
+    """The count each site's "new" rows are counted from (see `trainable`)."""
     from ..engine import model_state
     from ..guard import guard_of
 
@@ -128,7 +108,12 @@ def trainable(model: nn.Module, sites: str | Iterable[str] | None = None, rows: 
               since: Mapping[str, int] | None = None) -> Iterator[list[nn.Parameter]]:
     """Freeze `model` but the chosen rows of `sites` (a name, names, or None for every site); yield
     the parameters to give an optimizer (empty when there is nothing to train: a site not grown).
-    On exit every parameter's `requires_grad` is as it was; the rows not chosen never change."""
+    On exit every parameter's `requires_grad` is as it was; the rows not chosen never change.
+
+    `rows="all"` chooses every row of the sites (coupled positional rows included); `rows="new"` the
+    rows beyond the count a site had when the innermost open `surgery.tokens(...)` block was entered,
+    else beyond the count the model was built with; `since={site: count}` says it explicitly. An
+    end-anchored site's new rows are at the front, as the engine grows them."""
     chosen = chosen_rows(model, sites, rows, since)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     handles: list = []

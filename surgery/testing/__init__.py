@@ -1,26 +1,12 @@
 """The conformance kit for backbone plugins (also the `surgery` pytest plugin, entry point `pytest11`).
 
-A plugin only *describes* its token sites; whether the description is complete (every coupled
-row, every counter, every change made through the journal) shows only when counts change. The
-kit changes them in every way the engine promises to handle and checks each promise bit for bit:
-
-    from surgery.testing import ConformanceSuite
+A plugin only *describes* its sites; whether the description is complete (every coupled row, every
+counter, every change through the journal) shows only when counts change. The kit changes them in
+every way the engine promises and checks each promise bit for bit (docs/plugins.md):
 
     TestTinyConformance = ConformanceSuite.for_model("my_tiny_test")   # a registered model
 
-    class TestMyBackbone(ConformanceSuite):                             # or any factory
-        counts = {"prompts": [0, 1, 8]}     # counts to try per site (default: around the current)
-        def make_model(self, prompts=4): return MyModel(prompts=prompts)   # counts by site name
-        def make_inputs(self, model): return (torch.randn(2, 5, model.dim),)
-
-or `check_conformance(factory, example_inputs)`, which runs every check in `CHECKS` and raises
-AssertionError naming the first broken promise. The factory takes the counts as keywords: the
-kit compares every resized model with one the factory builds at those counts. The inputs are
-made once and reused at every count (what depends on a count belongs in `forward`). The checks
-are in `surgery.testing.checks`, the
-snapshots and comparisons they use in `surgery.testing.compare`. pytest loads this package in
-every run of the environment, so only pytest is imported eagerly; torch and the engine are
-imported when a check runs.
+pytest loads this package in every run of the environment, so only pytest is imported eagerly.
 """
 
 from __future__ import annotations

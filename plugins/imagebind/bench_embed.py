@@ -1,27 +1,10 @@
 """ImageBind embedding throughput (items/s) per modality: ours, and upstream's code beside it
 (`surgery bench imagebind`, or `python benchmarks/imagebind_embed.py`).
 
-    surgery bench imagebind [--quick] [--config huge] [--modalities vision,text]
-        [--dtypes float32,bfloat16] [--batches 1,8] [--modes eager,compile]
-        [--upstream /path/to/ImageBind] [--device cpu|cuda] [--out DIR]
-
-Per implementation, dtype, execution mode, modality and batch: the median time of one embedding
-call (`model({modality: x})`, no grad, eval mode) over `--rounds` `torch.utils.benchmark.Timer`
-measurements at `torch.get_num_threads()` threads, ours and upstream interleaved (who goes first
-alternates), reported as
-items per second. Inputs are upstream's
-shapes at the config's sizes (vision: images, audio: 3 clips per item as upstream's loader
-makes, text: 77 ids; random values, seeded).
-
-`--upstream DIR` times facebookresearch/ImageBind's own `ImageBindModel` (a checkout of it, not
-installed: its `imagebind/__init__.py`, which imports the data loaders, is bypassed) on the same
-machine, with the *same weights*: ours is built on the meta device and given upstream's state
-dict (strict, `assign=True`), which also checks key compatibility at full scale; the two outputs
-are compared before anything is timed. Upstream needs `timm`, `einops`, `ftfy`, `iopath` and
-`regex` importable; only its config `huge` exists there. Random weights (throughput only).
-`--quick`: the `small` config (unless --config names one), float32, eager, ours only (about a minute).
-Results: imagebind_embed.csv / .json (rows with the run's environment) and summary.md, through
-the core's `surgery.bench.report`.
+Per implementation, dtype, mode (eager, compile), modality and batch: the median time of one
+embedding call (no grad, eval mode), ours and upstream interleaved, on upstream's input shapes with
+seeded random values. With `--upstream DIR` both run on the same weights and their outputs are
+compared before anything is timed. Method and results: docs/performance.md.
 """
 
 from __future__ import annotations

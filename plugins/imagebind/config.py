@@ -1,19 +1,12 @@
 """ImageBind configurations: the released `huge` model and small ones for tests and benchmarks.
 
-One `ModalityConfig` per modality (width, depth, heads, the trunk's options, the input it is
-built for, its CLS-token count and the head's use of them) inside one `ImageBindConfig`. The
-numbers of `huge` are upstream's `imagebind_huge()`: `ImageBindModel.__init__` defaults with
-vision 1280/32/16, text 1024/24/16 and a 1024-wide joint space. `num_cls_tokens` is 1 for every
-modality but text (upstream hard-codes it); any count is a legal config here, and the token
-sites change it on a built model.
-
-    ImageBindConfig.named("huge")                         # the released architecture
+    ImageBindConfig.named("huge")                         # upstream's imagebind_huge()
     ImageBindConfig.named("tiny", num_cls_tokens={"vision": 4}, head_mode="all")
     ImageBindConfig.named("huge_w3d")                     # ImageBind-LLM's copy: + point clouds
 
-The `_w3d` configs add ImageBind-LLM's seventh modality, `point` (the `imagebind_w3D.pth`
-architecture): a Point-BERT encoder over farthest-point-sampled groups (`points.py`,
-`point_encoder.py`), whose widths come from upstream's `PointTransformer_8192point.yaml`.
+One `ModalityConfig` per modality inside one `ImageBindConfig`. Upstream hard-codes one CLS token
+per modality (none for text); here any count is a legal config, and the token sites change it on a
+built model.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """ImageBind's heads (trunk tokens -> one joint-space embedding) and postprocessors.
 
-Upstream's CLS heads are `Sequential(LayerNorm(eps 1e-6), SelectElement(0), [Dropout(0.5) for
-imu,] Linear(D -> out, bias=False))`: only token 0 is read. Here the selection is a choice,
-the head's `mode` (per modality):
-
-    first   token 0, upstream's behaviour                              -> [B, out]
-    mean    the mean of the k CLS tokens (each normalised first)       -> [B, out]
-    all     every CLS token, projected on its own                      -> [B, k, out]
-
-`all` is what feeds k visual tokens to a language model (ImageBind-LLM). The Sequential layout
-is kept (`0` norm, `1` select, `2`/`3` projection), so the key names are upstream's. The text
-head normalises and projects the end-of-text token (`proj.0`, `proj.1`). The point head
-(ImageBind-LLM) receives one feature per CLS token from its trunk and reads them by the same
-modes (`0` norm, `1` dropout, `2` projection, upstream's layout).
-
-Postprocessors: `Normalize` (L2, last dim; for `all` every token alone), then a logit scale:
-text's is learned (`log_logit_scale` parameter, init log(1/0.07)), the others are fixed buffers
-(audio 20, depth 5, thermal 10, imu 5, point 1); the scale is clipped at 100.
+Upstream's CLS heads read only token 0; here the selection is the head's `mode` per modality:
+`first` (token 0, upstream's), `mean` (of the k CLS tokens) or `all` (each projected on its own,
+[B, k, out]: the k visual tokens ImageBind-LLM feeds a language model). Upstream's Sequential
+layout is kept (`0` norm, `1` select, `2`/`3` projection), so the key names are upstream's.
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """Load ImageBind weights in the official layout (`imagebind_huge.pth`), at any CLS-token counts.
 
-    model = imagebind_huge(".checkpoints/imagebind_huge.pth")                     # as released
-    model = imagebind_huge(path, num_cls_tokens={"vision": 4}, init="copy")       # 4 vision CLS tokens
-    model = imagebind_huge(path, modalities=("vision", "text"), dtype=torch.bfloat16, device="cuda")
-    load_imagebind(model, path_or_state_dict)                                     # into a built model
+    model = imagebind_huge(".checkpoints/imagebind_huge.pth", num_cls_tokens={"vision": 4}, init="copy")
+    load_imagebind(model, path_or_state_dict)                     # into a built model, at its counts
 
-The official file is a plain state dict (1311 keys, upstream's key names; see
-`docs/imagebind.md`), read only with `torch.load(weights_only=True)` (or safetensors) through
-`surgery.checkpoint`, so a pickle that would run code is refused before anything in it runs.
-
-`imagebind_huge` builds the model on the `meta` device at the checkpoint's counts, makes the
-file's tensors its parameters (`assign=True`: 4.8 GB are never held twice), moves and casts them
-once, then changes the counts you asked for through the engine (so `surgery.recipe(model)` shows
-the growth and `surgery.tokens` can undo it). `load_imagebind` loads into a built model through
-`surgery.load_state_dict`: the model is resized to the checkpoint's counts (`mismatch="model"`)
-or the checkpoint's tokens are fitted to the model's (`mismatch="checkpoint"`), atomically.
-
-Keys of modalities the model does not have are skipped (a vision + text model loads from the
-full file); any other difference is a `CheckpointError` naming the keys.
+The file is read weights-only. `imagebind_huge` builds on the meta device and takes the file's
+tensors as its parameters (4.8 GB are never held twice), then changes the counts through the engine,
+so the recipe shows the growth and `surgery.tokens` can undo it. Keys of modalities the model lacks
+are skipped; any other difference is a `CheckpointError` naming the keys.
 """
 
 from __future__ import annotations
@@ -197,7 +186,9 @@ def load_imagebind(model: nn.Module, source: str | os.PathLike | Mapping[str, to
                    mismatch: str = "model", init: str | Mapping[str, str] = "restore", shrink: str = "truncate",
                    seed: int = 0) -> Any:
     """Load official-layout weights into a built `ImageBindModel` (any counts, any modality subset),
-    atomically: on any error the model is exactly as it was. Returns `surgery.checkpoint.LoadResult`."""
+    atomically: on any error the model is exactly as it was. `mismatch="model"` resizes the model to
+    the file's counts, `"checkpoint"` fits the file's tokens to the model's (`init`, `shrink`).
+    Returns `surgery.checkpoint.LoadResult`."""
     import surgery
 
     from .model import ImageBindModel

@@ -1,21 +1,9 @@
-"""Sweep metrics for ImageBind (registered by the `imagebind` plugin): zero-shot classification and
-cross-modal retrieval, on the joint embedding space.
+"""Sweep metrics for ImageBind: zero-shot classification (`zeroshot`) and cross-modal retrieval
+(`retrieval`) in the joint embedding space (their values and data: docs/sweeps.md).
 
-    zeroshot    zeroshot_top1, zeroshot_top5: each eval item (an image, or an audio clip) against
-                one text prompt per class ("a photo of a {}." for images, "a sound of a {}." for
-                audio; option `prompt`), labels ranked in sorted order
-    retrieval   recall@1_x2t, recall@5_x2t (item -> its text among all the eval texts) and
-                recall@1_t2x, recall@5_t2x (text -> its item), x being the data's modality
-
-Similarity is the cosine of the embeddings (a head in mode `all` gives k embeddings per item:
-their mean, renormalised). A rank counts the other candidates scoring strictly higher. Both
-metrics train with a softmax over those similarities at temperature 0.07 (upstream's initial
-text scale): cross-entropy against the true class, or symmetric InfoNCE over a batch of pairs.
-
-Data: records with an `image` (or an `audio` file, which needs torchaudio) and a `label`
-(zeroshot) or a `text` (retrieval), and a model with that modality and text. Text is tokenized
-with ImageBind's BPE tokenizer: option `tokenizer` (the `bpe_simple_vocab_16e6.txt.gz` path), else
-the copy an installed `imagebind` or `open_clip` package ships.
+Similarity is the cosine of the embeddings (a head in mode `all`: the mean of its k, renormalised);
+a rank counts the other candidates scoring strictly higher. Both train with a softmax over those
+similarities at temperature 0.07 (upstream's initial text scale).
 """
 
 from __future__ import annotations

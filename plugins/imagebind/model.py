@@ -1,20 +1,11 @@
 """ImageBindModel: six (with ImageBind-LLM's point clouds, seven) modality encoders into one joint space.
 
-    model = ImageBindModel(ImageBindConfig.named("huge"))
     out = model({"vision": images, "text": tokens, "audio": mels})   # {modality: [B, 1024]}
     out = model({"vision": images}, head_mode="all")                  # {"vision": [B, k, 1024]}
 
-Upstream's module tree and key names (`modality_preprocessors`, `modality_trunks`,
-`modality_heads`, `modality_postprocessors`, one entry per modality), so a state dict of
-upstream's `imagebind_huge()` loads strictly. Forward as upstream's: an input with 5 or more
-dims is (B, S, ...) S clips per item (audio (B, 3, 1, 128, 204), video (B, 15, 3, 2, 224, 224)),
-encoded as B * S items and averaged over S after the postprocessor (the mean is not
-renormalised, as upstream).
-
-The point modality (configs `*_w3d`) is laid out as in ImageBind-LLM's copy: its encoder is the
-top-level `point_trunk` (no entry in `modality_preprocessors` or `modality_trunks`), its head and
-postprocessor are `modality_heads.point` and `modality_postprocessors.point`; its input is
-(B, N, 3) point clouds (`point_loading.py` reads files).
+Upstream's module tree and key names, so upstream's `imagebind_huge()` state dict loads strictly; an
+input of 5 or more dims is S clips per item, averaged after the postprocessor as upstream does. The
+point modality is laid out as in ImageBind-LLM's copy (a top-level `point_trunk`).
 """
 
 from __future__ import annotations

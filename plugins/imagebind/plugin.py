@@ -1,30 +1,10 @@
-"""Backbone plugin for ImageBind: `num_cls_tokens.<modality>` as token sites.
+"""Backbone plugin for ImageBind: `num_cls_tokens.<modality>` as token sites, the head modes as the
+model option `head_mode`.
 
-    num_cls_tokens.vision   cls_token (1, k, D) and the first k rows of
-    num_cls_tokens.audio        pos_embedding_helper.pos_embed (1, k + patches, D)
-    num_cls_tokens.depth    (same layout)
-    num_cls_tokens.thermal  (same layout)
-    num_cls_tokens.imu      cls_token and the first k rows of the preprocessor's own pos_embed
-    num_cls_tokens.text     fixed at 0: the causal mask and the EOT head leave no place for CLS
-                            tokens; asking for one is a CountError that says so
-    num_cls_tokens.point    (ImageBind-LLM's `_w3d` models) point_trunk.point_encoder.cls_token and
-                            cls_pos (1, k, D), k >= 1: the point feature is [CLS, max over groups]
-
-Each site is applied by the core engine from its declaration (init strategies, atomicity, exact
-undo, recipes, checkpoints of other counts); the counters keep the preprocessor's
-`num_cls_tokens` (what the forward reads) and the model's config in step. At zero tokens the
-`cls_token` parameter is absent (no key), as in upstream's layout for `num_cls_tokens=0`.
-
-The head reads the CLS tokens according to its mode (`first`, `mean`, `all`); while a modality's
-head is in `mean` or `all` its site cannot go below 1 (`first` at 0 reads the first patch token,
-which is what upstream does with no CLS token). The modes are the model option `head_mode`
-({modality: mode}, `surgery.options`): `model.set_head_mode` changes them through
-`surgery.set_options`, so a change is recorded in the recipe (replayed in order with the counts),
-saved in checkpoints, restored by `surgery.load`, shown by `surgery inspect`.
-
-A caution (shown by `surgery inspect`): the released weights were trained with one CLS token per
-modality; more tokens start from the init strategy (default `normal`, matched to the existing
-token) and are an experiment until trained.
+Each site (`cls_token` and the CLS rows of its positional table) is applied by the engine from its
+declaration; text's is fixed at 0 (causal mask, EOT head: a CountError says so), point's is at
+least 1, and so is any site whose head is in `mean` or `all`. The released weights were trained
+with one CLS token per modality: more are an experiment until trained (docs/imagebind.md).
 """
 
 from __future__ import annotations

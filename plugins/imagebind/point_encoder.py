@@ -3,24 +3,10 @@
     trunk = PointTrunk(config.modalities["point"])     # the model's `point_trunk`
     features = trunk(points)                           # [B, N, 3] -> [B, k, 512], one per CLS token
 
-Upstream (`PointTransformerBind` of LLaMA-Adapter's `imagebind_LLM/ImageBind/models/pointbert`),
-with its module tree, so `imagebind_w3D.pth`'s `point_trunk.*` keys load strictly:
-
-    point_encoder
-      (grouping: G farthest-point centres, each with its M nearest points, centred; no parameters)
-      encoder        mini-PointNet per group: first_conv 3 -> 128 -> 256 (BatchNorm, ReLU), max over
-                     the group, [max, per point] -> second_conv 512 -> 512 -> group_dim, max again
-      reduce_dim     Linear(group_dim -> D)
-      cls_token      (1, k, D), upstream zeros; cls_pos (1, k, D), its positional embedding
-      pos_embed      Linear(3 -> 128), GELU, Linear(128 -> D) of each group's centre
-      blocks.blocks  pre-norm blocks (LayerNorm eps 1e-5, bias-free qkv, MLP ratio 4, GELU); the
-                     positions are added again before every block: x = block(x + pos)
-      norm           LayerNorm(D)
-    pc_projection    (2D, P): [CLS, max over the group tokens] -> P (upstream 768 x 512)
-
-k CLS tokens (upstream: 1) give k features, each `[CLS_i, max over groups] @ pc_projection`; with
-k = 1 that is upstream's output. The first sampled centre is each cloud's point 0, or drawn from
-`fps_seed` (see `points.py`); upstream draws it at random on every call.
+Upstream's `PointTransformerBind` (LLaMA-Adapter's `imagebind_LLM/ImageBind/models/pointbert`) with
+its module tree, so `imagebind_w3D.pth`'s `point_trunk.*` keys load strictly. k CLS tokens (upstream:
+1) give k features, each `[CLS_i, max over groups] @ pc_projection`: at k = 1, upstream's output.
+The architecture in full: docs/imagebind.md.
 """
 
 from __future__ import annotations

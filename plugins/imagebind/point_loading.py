@@ -1,21 +1,11 @@
 """Point clouds from files, for the point modality (ImageBind-LLM's `load_and_transform_point_cloud_data`).
 
     clouds = load_and_transform_point_cloud_data(["chair.ply", "car.npy"])   # (B, 8192, 3)
-    points = read_point_cloud("chair.obj")                                   # (N, 3) as in the file
 
-Formats (by suffix): `.npy` (an (N, 3) array, read without pickle), `.pt` (an (N, 3) tensor, read
-with `torch.load(weights_only=True)`), `.ply` (ASCII or binary, the vertex element's x, y, z),
-`.xyz` (text, the first three columns of each line; `#` starts a comment), `.obj` (text, the
-`v x y z` lines). Anything unreadable, of the wrong shape, non-finite or with too few points is an
-`InputError` naming the file and what was wrong.
-
-Upstream's loader reads the file and stacks the points as they are; its examples (and the data
-the encoder was trained on, through ULIP / Point-BERT) are 8192 points centred on their mean and
-scaled into the unit sphere (`pc_normalize`). Here every cloud is brought to that form: resampled
-to `num_points` (more points: a random subset, in file order; fewer: all of them plus random
-repeats; drawn from `seed`, so a file always gives the same cloud) and normalised.
-`num_points=None` keeps each file's points (the clouds must then have equal sizes to stack),
-`normalize=False` keeps the coordinates.
+`.npy`, `.pt` (weights-only), `.ply`, `.xyz`, `.obj`. The encoder was trained on 8192 points centred
+inside the unit sphere, while upstream's loader stacks points as they are, so every cloud is
+resampled (seeded: a file always gives the same cloud) and normalised unless told not to. Anything
+unreadable, misshapen, non-finite or too small is an `InputError` naming the file.
 """
 
 from __future__ import annotations
@@ -184,8 +174,11 @@ def load_and_transform_point_cloud_data(paths: str | os.PathLike | Sequence[str 
                                         device: str | torch.device = "cpu", *, num_points: int | None = NUM_POINTS,
                                         min_points: int = MIN_POINTS, normalize: bool = True, seed: int = 0,
                                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Files -> (B, num_points, 3) clouds for the point modality (see the module doc). `min_points`:
-    a file with fewer points is refused (the model's number of groups; 512 for the released one)."""
+    """Files -> (B, num_points, 3) clouds for the point modality. Each is resampled to `num_points`
+    (more points: a random subset in file order; fewer: all of them plus random repeats; drawn from
+    `seed`) and, with `normalize`, centred on its mean and scaled into the unit sphere (upstream's
+    `pc_normalize`); `num_points=None` keeps each file's points (then they must stack). A file with
+    fewer than `min_points` is refused (the model's number of groups; 512 for the released one)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for name, value in (("num_points", num_points), ("min_points", min_points)):

@@ -1,23 +1,12 @@
 """Point-cloud geometry of the Point-BERT encoder: farthest-point centres and their kNN groups.
 
-    centres = farthest_point_sample(points, 512)                 # [B, 512] indices; the first is point 0
     groups, centres = group_points(points, 512, 32)              # [B, 512, 32, 3] around [B, 512, 3]
     groups, centres = group_points(points, 512, 32, start=first_centres(points, seed=7))  # upstream's random start
 
-Upstream (Point-BERT's `misc.fps` and `dvae.Group`, as ImageBind-LLM runs them): farthest-point
-sampling picks `num_groups` centres one after another, each the point farthest from the centres
-chosen so far (squared Euclidean distance, the first of equal maxima); every centre's group is its
-`group_size` nearest points (the centre itself included), expressed relative to the centre.
-Upstream draws the first centre at random on every call (`torch.randint`), so the same cloud gives
-another embedding each time. Here the first centre is point 0 unless a start is given, and
-`first_centres(points, seed)` draws upstream-style random starts reproducibly.
-
-The centre loop is sequential by nature (each choice depends on the last); each step is a few
-tensor operations over the whole batch and all points, into buffers allocated once, on the
-coordinates stored as three contiguous rows (a broadcast over an innermost axis of 3 and a sum
-over it are several times slower than the same arithmetic on rows). The kNN
-search is one `torch.cdist` and one `topk`. Geometry runs in float32 whatever the model's dtype,
-so that half-precision distances cannot reorder neighbours.
+Upstream's centres exactly (Point-BERT's `misc.fps` and `dvae.Group`), but upstream draws the first
+centre at random on every call, so one cloud gives another embedding each time: here it is point 0
+unless a start is given. Geometry runs in float32 whatever the model's dtype, so half-precision
+distances cannot reorder neighbours.
 """
 
 from __future__ import annotations
@@ -40,7 +29,8 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, start: torch.T
     `sum(-1)` adds them, so the same centres are chosen."""
     B, N, _ = points.shape
     flat = points.float().reshape(B * N, 3)
-    planes = flat.view(B, N, 3).transpose(1, 2).contiguous()  # [B, 3, N]: each coordinate one contiguous row
+    # [B, 3, N], each coordinate one contiguous row: a broadcast over an innermost axis of 3 is several times slower
+    planes = flat.view(B, N, 3).transpose(1, 2).contiguous()
     offsets = torch.arange(B, device=points.device) * N          # where each cloud starts in `flat`
     chosen = torch.empty(num_samples, B, dtype=torch.long, device=points.device)  # row i: the i-th centres
     if start is None:

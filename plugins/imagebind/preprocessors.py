@@ -1,21 +1,10 @@
 """ImageBind's modality preprocessors: raw tensors -> token sequences for the trunks.
 
-Same modules, parameter names and numerics as upstream's `multimodal_preprocessors.py`:
-
-    PatchPreprocessor  vision (`rgbt_stem`: image -> 2-frame video, Conv3d), audio and thermal
-                       (`rgbt_stem`: Conv2d + LayerNorm), depth (`depth_stem`); `cls_token` (1, k, D)
-                       and `pos_embedding_helper.pos_embed` (1, k + patches, D), CLS rows first
-    IMUPreprocessor    6 x L signals cut into patches of 8 samples, Linear(48 -> D) + LayerNorm;
-                       `pos_embed` (1, k + L/8, D), `cls_token` (1, k, D)
-    TextPreprocessor   `token_embedding`, `pos_embed` (1, 77, D), the causal `mask` buffer (77, 77)
-
-Where we differ from upstream, on purpose: any number k of CLS tokens works, including when the
-patch grid differs from the one the positional embedding was trained on (upstream asserts
-`there is 1 CLS token or none` even at the native size); the grid is interpolated bicubically
-from any 2-D layout to any other (upstream: square layouts, square targets), per frame; a
-temporal extent that does not match, a wrong channel count or a too-small input is an
-`InputError` before anything runs. Text shorter than the context is encoded without padding
-(causal attention makes the result identical).
+Upstream's modules, parameter names and numerics (`multimodal_preprocessors.py`), except on purpose:
+any number k of CLS tokens works, at any patch grid (upstream asserts `there is 1 CLS token or none`);
+the positional grid is interpolated bicubically between any 2-D layouts, per frame; an input that
+cannot work is an `InputError` before anything runs; text is encoded without padding (causal
+attention makes the result identical).
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """ImageBind's text tokenizer: CLIP's byte-level BPE, compatible with upstream's `SimpleTokenizer`.
 
     tok = BPETokenizer("bpe_simple_vocab_16e6.txt.gz")   # or BPETokenizer() to find an installed copy
-    ids = tok(["a dog", "a car"])                          # LongTensor (2, 77)
+    ids = tok(["a dog", "a car"])                          # (2, 77): [SOT, tokens..., EOT, 0...]
 
-The vocabulary file is CLIP's merges list (gzip text, a header line, then one merge per line),
-as shipped with upstream (`imagebind/bpe/`) and open_clip. Ids: the 256 byte symbols, the same
-with the end-of-word marker `</w>`, one per merge (at most 48894), then `<|startoftext|>` and
-`<|endoftext|>` (49406, 49407 for the real file: EOT is the largest id, which the text head's
-`argmax` relies on). Text is cleaned (ftfy when installed, HTML unescaped twice, whitespace
-collapsed), lower-cased and split with CLIP's pattern (needs the `regex` package for `\\p{L}`);
-a literal `<|startoftext|>` / `<|endoftext|>` in the text becomes that special id (upstream).
-Each row is `[SOT, tokens..., EOT, 0...]`; a text longer than the context is cut to
-`context - 1` tokens and EOT is appended, so it is never lost (upstream since PR #142).
-
-Packages: `regex` (required for this module; a dependency of token-surgery), `ftfy` (upstream cleans with it; without
-it, text that needs its repairs - mojibake, curly quotes, full-width forms - tokenizes
-differently from upstream; plain text is identical).
+EOT is the largest id, which the text head's `argmax` relies on, and a text longer than the context
+keeps its EOT (upstream since PR #142). Needs `regex` (CLIP's `\\p{L}` pattern); without `ftfy`, text
+that needs its repairs (mojibake, curly quotes) tokenizes differently from upstream.
 """
 
 from __future__ import annotations

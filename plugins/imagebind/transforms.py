@@ -1,33 +1,14 @@
 """Inputs from files and raw signals, in upstream's shapes (`imagebind/data.py`).
 
     load_and_transform_vision_data(["dog.jpg"])          # (B, 3, 224, 224)   needs Pillow, torchvision
-    load_and_transform_text(["a dog"], tokenizer)          # (B, 77)            needs regex (ftfy advised)
-    video_clips(frames, fps)                               # (15, 3, 2, 224, 224) from decoded frames
     load_and_transform_audio_data(["dog.wav"])            # (B, 3, 1, 128, 204) needs torchaudio
-    waveform_clips(waveform, sample_rate)                  # the 3 two-second clips, no extra package
-    audio_clips(waveform, sample_rate)                     # (3, 1, 128, 204) from a waveform, needs torchaudio
+    video_clips(frames, fps)                               # (15, 3, 2, 224, 224) from decoded frames
 
-Tensors in these shapes are the model's primary input; these helpers reproduce upstream's
-pipeline for users starting from files. Images: upstream's transform is CLIP's (bicubic resize of
-the short side to 224, center crop, CLIP mean/std), the core's `surgery.images`, applied after
-converting to RGB as upstream does. Video decoding is left to the caller's
-decoder (PyAV, decord, torchcodec): `video_clips` takes the decoded frames and their rate and
-does upstream's clip sampling (5 clips of 2 s), 2 frames per clip, short-side scaling, and
-3 spatial crops. Audio needs torchaudio's Kaldi filterbank (`torchaudio.compliance.kaldi`).
-
-Clips are placed as upstream's sampler places them (pytorchvideo's `ConstantClipsPerVideoSampler`
-at the commit upstream pins): clip i of n starts at i * (duration - clip) / (n - 1), so the first
-starts at 0 and the last ends at the end. Two details of upstream's pipeline are quirks, and
-`mode` chooses (the released weights were trained with upstream's, hence the default):
-
-    mode="upstream"  audio: each clip's mean is subtracted in place on a view of the file's
-                     samples, clip after clip, so where clips overlap (3 clips of 2 s in a file
-                     under 6 s) clips 1 and 2 also carry the earlier clips' mean removal;
-                     video: a clip's frames are ceil(fps * t) with the product in floating
-                     point (decord through pytorchvideo), which in some videos rounds to the
-                     next frame, and the duration is the float frames / fps
-    mode="clean"     audio: each clip minus its own mean only; video: frame i is in the clip
-                     [s, e) iff s <= i / fps < e, in exact fractions
+Tensors in these shapes are the model's input; these helpers reproduce upstream's pipeline for users
+starting from files (video decoding is left to the caller's decoder). Clips are placed where
+upstream's sampler places them. `mode="upstream"`, the default since the released weights were
+trained with it, keeps two quirks of upstream's pipeline (overlapping audio clips' in-place mean
+removal, floating-point frame rounding); `mode="clean"` has neither (the table: docs/imagebind.md).
 """
 
 from __future__ import annotations
@@ -48,7 +29,7 @@ from surgery.images import ImageLike, load_images
 from .config import InputError
 
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138  # upstream's mel-spectrogram normalisation
-MODES = ("upstream", "clean")  # see the module doc
+MODES = ("upstream", "clean")  # upstream's quirks kept, or not: see the module doc
 
 
 def check_mode(mode: str) -> str:

@@ -1,13 +1,8 @@
 """ImageBind's transformer trunks: pre-norm blocks with `nn.MultiheadAttention`'s parameters.
 
-Upstream builds each trunk as `SimpleTransformer` of `BlockWithMasking` blocks whose attention
-is `nn.MultiheadAttention` (sequence-first, `add_bias_kv` for audio, depth, thermal and imu),
-with a LayerNorm (eps 1e-6) before the blocks for vision only. We keep its parameter names
-(`attn.in_proj_weight`, `attn.in_proj_bias`, `attn.bias_k`, `attn.bias_v`, `attn.out_proj.*`,
-`norm_1`, `norm_2`, `mlp.fc1`, `mlp.fc2`, `pre_transformer_layer.0`) and its arithmetic, but run
-batch-first through `F.scaled_dot_product_attention`: no (L, B, D) transposes around every block,
-and the fused attention kernels of the device. timm's `Mlp` and `DropPath` are the MLP and the
-stochastic depth.
+Upstream's parameter names and arithmetic (`SimpleTransformer` of `BlockWithMasking`; `bias_kv` for
+audio, depth, thermal and imu), but run batch-first through `F.scaled_dot_product_attention`: no
+(L, B, D) transposes around every block, and the device's fused attention kernels.
 """
 
 from __future__ import annotations

@@ -375,7 +375,9 @@ def test_console_script(tmp_path):
     done = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "demo" in done.stdout
 
-    done = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    # the single-model walk (`surgery demo` alone tells the installed story: tests/plugins/imagebind_llm/test_story.py)
+    done = subprocess.run([exe, "demo", "--model", "vit_tiny_test"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "reg_tokens: 0 -> 4" in done.stdout and "all checks passed" in done.stdout
     assert list(tmp_path.iterdir()) == []  # the temporary checkpoint is gone

@@ -5,7 +5,7 @@
     surgery backends [--json]                the fused kernels' backends: built, where they run, why not
     surgery inspect TARGET [--model NAME]    sites, counts, constraints, tensors of a model or checkpoint
     surgery resize CKPT --set SITE=N -o OUT  resize a checkpoint file into a new file
-    surgery demo                             the whole idea on a tiny ViT, in seconds
+    surgery demo [KIND | --model NAME]       the installed story (a plugin's), or one model, checked as it goes
     surgery bench KIND                       benchmarks: kernels, surgery cost, and kinds plugins add
     surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
     (and the commands plugins add, e.g. `surgery profile`, `surgery bench e2e`: `surgery --help`)

@@ -28,8 +28,8 @@ def surgery_register_commands(register: Any) -> None:
              description=inspect.DESCRIPTION, add_arguments=inspect.add_arguments)
     register("resize", resize.cmd_resize, help="resize the token sites of a checkpoint file",
              description=resize.DESCRIPTION, add_arguments=resize.add_arguments)
-    register("demo", demo.cmd_demo, help="resize, undo, save and load a tiny ViT, in seconds",
-             description=demo.DESCRIPTION, add_arguments=demo.add_arguments)
+    register("demo", demo.cmd_demo, kinds=True, description=demo.DESCRIPTION, add_arguments=demo.add_arguments,
+             help="the installed story (stories: its kinds), or one model with --model, every claim checked")
     register("bench", None, help=bench.GROUP_HELP, description=bench.GROUP_DESCRIPTION)
     register("kernels", bench.cmd_bench_kernels, group="bench",
              help="each fused op x backend x shape x dtype: ms, GB/s, fraction of each limit",

@@ -1,87 +1,119 @@
-"""`surgery demo`: the whole idea on a tiny model, in seconds, each claim checked as it goes.
+"""`surgery demo`: the installed story, or the whole idea on one model, each claim checked as it goes.
 
-Build, list sites, resize, run temporarily with the old counts, resize back bit-exactly, save and
-load into a fresh model, print the recipe. Every "bit-exact" line is a `torch.equal`; a failed
-one prints MISMATCH and exits 1, so the demo doubles as a smoke test of a plugin.
+Typed alone, `surgery demo` runs the installed *story*: the first kind of the `demo` group to be
+registered. The core's command module registers first and has none; the built-in plugins' command
+modules follow by entry-point name, then other packages' (`CommandRegistry.load_entry_points`), so
+the built-in story (ImageBind-LLM's `surgery demo study`) wins over a third-party one, which
+remains `surgery demo <its name>`. With no story installed, or with --model or --set, it walks one
+model (default vit_tiny_test): build, list the sites, resize, then the guarantees
+(`walkthrough.check_guarantees`): the old counts for a while, undo for good and redo, save and
+load into a fresh model, the recipe. A failed check prints MISMATCH and exits 1, so the demo
+doubles as a smoke test of a plugin.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from typing import Any, Mapping
 
-from surgery.commands import UsageError
+from surgery.commands import Command, UsageError
 
 from .arguments import add_set_option, requested_counts
-from .format import counts_text, format_shape_changes, format_sites, print_lines, recipe_lines, site_dicts, state_shapes
+from .format import counts_text, format_shape_changes, format_sites, print_lines, site_dicts, state_shapes
+from .walkthrough import Change, Walkthrough, check_guarantees, checkpoint_name, forward_runner, shapes
+
+DEFAULT_MODEL = "vit_tiny_test"  # walked when no story is installed
+GROUP = "demo"  # stories are kinds of this group: register(NAME, run, group="demo", ...)
 
 DESCRIPTION = (
-    "Walk through token surgery on a small model with random weights: list its sites,\n"
-    "resize (default: reg_tokens -> 4 where the model has registers, else its first site one\n"
-    "token up), run temporarily with the old counts, resize back bit-exactly, save and load\n"
-    "into a fresh model, and print the recipe.")
+    "Typed alone: the installed story (the first 'surgery demo KIND' registered; 'surgery demo\n"
+    "--help' lists them), e.g. ImageBind-LLM's study: LLaMA-Adapter V2 generating while query_len\n"
+    "changes, ImageBind's vision CLS tokens going 1 -> 4, ImageBind-LLM reading them as 4 visual\n"
+    "tokens, then the guarantees. With --model NAME (or --set, or no story installed: vit_tiny_test):\n"
+    "one model with random weights: its sites, a resize (default: reg_tokens -> 4 where the model\n"
+    "has registers, else its first site one token up), the old counts run temporarily, undo and\n"
+    "redo bit-exactly, save and load into a fresh model, the recipe. Every check prints MISMATCH\n"
+    "when it fails, and the command then exits 1.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_tiny_test", metavar="NAME", help="registered model (default vit_tiny_test)")
+    p.add_argument("--model", metavar="NAME",
+                   help=f"walk this registered model instead of the story (without a story: {DEFAULT_MODEL})")
     add_set_option(p, required=False)
     p.add_argument("--out", metavar="DIR", help="keep the demo checkpoint in DIR (default: a temporary folder)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Resize, undo, restore, save and load on a tiny model, checking each claim as it goes."""
+    """The installed story, or the single-model walk (--model, --set, or no story installed)."""
+    if args.model is None and not args.set:
+        story = installed_story()
+        if story is not None:
+            return story.run(story_arguments(story, args))
+    return walk_model(args.model or DEFAULT_MODEL, requested_counts(args.set) if args.set else None, args.out)
+
+
+def installed_story() -> Command | None:
+    """The first story registered (a kind of `demo`), None when no command module has one."""
+    from . import command_registry
+
+    return next((c for c in command_registry().commands.values() if c.group == GROUP), None)
+
+
+def story_arguments(story: Command, args: argparse.Namespace) -> argparse.Namespace:
+    """The story's own options at their defaults, with those given to `surgery demo` (--out)."""
+    parser = argparse.ArgumentParser(prog=f"surgery {story.path}", add_help=False)
+    if story.add_arguments is not None:
+        story.add_arguments(parser)
+    story_args = parser.parse_args([])
+    for name in ("out",):
+        value = getattr(args, name, None)
+        if value is not None:
+            if not hasattr(story_args, name):
+                raise UsageError(f"--{name}: 'surgery {story.path}' (the installed story) takes no --{name}")
+            setattr(story_args, name, value)
+    story_args.command_object = story
+    return story_args
+
+
+def walk_model(model_name: str, target: dict[str, int] | None, out: str | None) -> int:
+    """Resize, undo, restore, save and load one registered model, checking each claim as it goes."""
     import torch
 
     import surgery
     from surgery.model_source import build_model
 
-    spec = surgery.get_host().model_spec(args.model)
+    spec = surgery.get_host().model_spec(model_name)
     if spec.example_inputs is None:
-        raise UsageError(f"model {args.model!r} registers no example inputs, which the demo needs; pick another --model")
+        raise UsageError(f"model {model_name!r} registers no example inputs, which the demo needs; "
+                         f"pick another --model")
     torch.manual_seed(0)  # random weights, but the same ones every run: the printed numbers repeat
-    model = build_model(args.model, {})
+    model = build_model(model_name, {})
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        raise UsageError(f"model {args.model!r} is built on the meta device (shapes, no values), so the demo cannot "
+        raise UsageError(f"model {model_name!r} is built on the meta device (shapes, no values), so the demo cannot "
                          f"run it; pick a model with weights (see 'surgery models')")
     original = surgery.counts(model)
-    target = requested_counts(args.set) if args.set else _demo_target(args.model, surgery.sites(model))
+    target = target or _demo_target(model_name, surgery.sites(model))
     surgery.engine.validate(model, target)
     if all(original.get(n) == c for n, c in target.items()):
         raise UsageError(f"--set asks for the counts the model already has ({counts_text(target)})")
-    back = {n: original[n] for n in target}
-    file_name = f"{args.model}_{'_'.join(f'{n}{c}' for n, c in target.items())}.safetensors"
-    if args.out and os.path.exists(os.path.join(args.out, file_name)):
-        raise UsageError(f"{os.path.join(args.out, file_name)!r} already exists; remove it or choose another --out")
+    change = Change(target)
+    back = change.undo_on(model)
+    file_name = checkpoint_name(model_name, change, out)
     inputs = spec.example_inputs(model)
-    failures: list[str] = []
+    run = forward_runner(spec, inputs)
+    walk = Walkthrough()
 
-    def run(m: torch.nn.Module) -> tuple:
-        with torch.no_grad():
-            y = spec.forward(m, *inputs) if spec.forward else m(*inputs)
-        return tuple(_tensors(y))  # a tensor, or tensors nested in tuples, lists and dicts (ImageBind's)
-
-    def check(label: str, a: tuple, b: tuple) -> None:
-        same = len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
-        print(f"    {label}: {'bit-exact' if same else 'MISMATCH'}")
-        if not same:
-            failures.append(label)
-
-    def step(title: str, code: str) -> None:
-        print(f"\n{title}\n  >>> {code}")
-
-    args_text, back_text = _keywords(target), _keywords(back)
-    print(f"token-surgery demo: {args.model} ({spec.description or spec.backbone})")
-    step("1. Build the model and list its token sites", f"model = surgery.build({args.model!r}); surgery.sites(model)")
+    print(f"token-surgery demo: {model_name} ({spec.description or spec.backbone})")
+    walk.step("Build the model and list its token sites",
+              f"model = surgery.build({model_name!r}); surgery.sites(model)")
     print(f"  backbone {surgery.backbone_of(model)}, {sum(p.numel() for p in model.parameters()):,} parameters")
     print_lines(format_sites(site_dicts(model)))
     y0 = run(model)
-    print(f"  forward on example inputs {_shapes(inputs)} -> {_shapes(y0)}")
+    print(f"  forward on example inputs {shapes(inputs)} -> {shapes(y0)}")
 
-    step("2. Resize (atomic: on any error the model is left as it was)", f"surgery.resize(model, {args_text})")
+    walk.step("Resize (atomic: on any error the model is left as it was)", *change.calls())
     before, defaults = state_shapes(model), {n: site.default_init for n, site in surgery.sites(model).items()}
-    for site, (old, new) in surgery.resize(model, **target).items():
+    for site, (old, new) in change.apply(model).items():
         grown = f"  (new tokens: nothing stashed to restore, so the site's default init {defaults[site]!r})"
         print(f"  {site}: {old} -> {new}" + (grown if new > old else "  (shrink: truncate, dropped tokens stashed)"))
     print(f"  counts now {counts_text(surgery.counts(model))}; tensors that changed shape:")
@@ -91,43 +123,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(y0, y1))
         print(f"  output changed: max |new - original| = {diff:.3g}")
     else:
-        print(f"  output shape changed: {_shapes(y1)}")
+        print(f"  output shape changed: {shapes(y1)}")
 
-    step("3. Run with the original counts for a while", f"with surgery.tokens(model, {back_text}): ...")
-    with surgery.tokens(model, **back):
-        print(f"  inside: {counts_text(surgery.counts(model))}")
-        check("output equals the original model's", run(model), y0)
-    print(f"  after the block: {counts_text(surgery.counts(model))}")
-    check("output equals the resized model's", run(model), y1)
-
-    step("4. Resize back for good, and forward again", f"surgery.resize(model, {back_text})")
-    surgery.resize(model, **back)
-    check("output equals the original model's", run(model), y0)
-    print(f"  >>> surgery.resize(model, {args_text})   # init='restore' brings the stashed tokens back")
-    surgery.resize(model, **target)
-    check("output equals the resized model's", run(model), y1)
-
-    step("5. Save, and load into a freshly built model", "surgery.save(model, path); surgery.load(path, fresh)")
-    with tempfile.TemporaryDirectory(prefix="surgery-demo-") as tmp:
-        folder = args.out or tmp
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, file_name)
-        surgery.save(model, path)
-        fresh = surgery.build(args.model)
-        print(f"  fresh model: {counts_text(surgery.counts(fresh))}")
-        replayed = surgery.load(path, fresh).replayed
-        print(f"  after load:  {counts_text(surgery.counts(fresh))}  ({os.path.getsize(path):,} bytes; "
-              f"{'recipe replayed, then weights loaded' if replayed else 'resized to the file, then loaded'})")
-        check("loaded model's output equals the saved model's", run(fresh), y1)
-        print(f"  checkpoint kept at {path}" if args.out else "  (temporary checkpoint removed; --out DIR keeps it)")
-
-    step("6. The recipe: every change, replayable on a fresh model", "surgery.recipe(model)")
-    print_lines(recipe_lines(surgery.recipe(model).steps))
-    if failures:
-        print(f"\n{len(failures)} check(s) failed: {'; '.join(failures)}")
-        return 1
-    print("\nall checks passed")
-    return 0
+    check_guarantees(walk, model, change, back, run=run, original=y0, changed=y1,
+                     rebuild=lambda: surgery.build(model_name), out=out, file_name=file_name)
+    return walk.finish()
 
 
 def _demo_target(model_name: str, sites: Mapping[str, Any]) -> dict[str, int]:
@@ -141,31 +141,3 @@ def _demo_target(model_name: str, sites: Mapping[str, Any]) -> dict[str, int]:
                 return {name: count}
     raise UsageError(f"model {model_name!r} has no site whose count can change "
                      f"({counts_text({n: s.count for n, s in sites.items()})}); pick another --model")
-
-
-def _keywords(counts: Mapping[str, int]) -> str:
-    """Counts as the keyword arguments of a call that runs as printed (`**{...}` for a dotted site name)."""
-    if all(name.isidentifier() for name in counts):
-        return ", ".join(f"{name}={count}" for name, count in counts.items())
-    return f"**{dict(counts)!r}"
-
-
-def _tensors(value: Any) -> list[Any]:
-    """The tensors in a model's inputs or outputs: a tensor, or tensors in tuples, lists, dicts."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
-    return [t for item in items for t in _tensors(item)]
-
-
-def _shapes(value: Any) -> str:
-    """Shapes of (nested) inputs or outputs, e.g. `[(2, 3, 32, 32)]` or `[{vision: (2, 24), ...}]`."""
-    if hasattr(value, "shape"):
-        return str(tuple(value.shape))
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shapes(v) for v in value) + "]"
-    return type(value).__name__

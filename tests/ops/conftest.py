@@ -31,7 +31,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "triton" and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda")
+    return torch.device("cuda:0")  # with its index, as the kernels' messages name it
 
 
 @pytest.fixture(params=ops.BACKENDS)

@@ -232,7 +232,10 @@ def bad_calls(r, device):
                                           rf"\[2, 2, 3, 7\] float32 on {dev}$"),
         ((a, vq), {"out": r(2, 2, 3, 7).bfloat16()}, r"^adapter_add: out is \[2, 2, 3, 7\] bfloat16 on \S+; expected"),
         ((a, vq), {"out": r(2, 3, 2, 7).transpose(1, 2)}, r"^adapter_add: out must be contiguous"),
-    ]
+    ] + ([] if device.type == "cpu" else [  # CPU tensors among GPU ones
+        ((a, vq.cpu()), {}, rf"^adapter_add: visual_query is on cpu but adapter is on {dev}; all inputs must be on"),
+        ((a.cpu(), vq), {}, rf"^adapter_add: visual_query is on {dev} but adapter is on cpu"),
+    ])
 
 
 def test_bad_input_is_refused(backend):
@@ -255,11 +258,16 @@ def test_kernel_and_fake_refuse_in_the_same_words(backend):
         with pytest.raises(OpInputError) as public:
             backend("adapter_add", *args, **kwargs)
         assert str(kernel.value) == "surgery::" + str(public.value)
-        if any(t.device.type == "meta" for t in (*args, *kwargs.values())):
+        if len({t.device for t in (*args, *kwargs.values())}) > 1:
             continue  # a device mismatch: it cannot be put on meta tensors
         with pytest.raises(RuntimeError) as fake:
             call(*[t.to("meta") for t in args], **{k: t.to("meta") for k, t in kwargs.items()})
         assert str(fake.value) == str(kernel.value).replace(str(backend.device), "meta")
+    big = torch.zeros(2 * 2 * 3 * 8 + 24, device=backend.device)  # sharing memory: no meta form
+    inside = big[:24].view(1, 3, 8).expand(2, 3, 8)  # the visual query lies inside out
+    with pytest.raises(RuntimeError, match=r"^surgery::adapter_add: out shares memory with visual_query"):
+        op.out(r(2, 3, 8), inside, out=big[:96].view(2, 2, 3, 8))
+    assert not big.any()
     adapter, visual_query = r(2, 3, 8), r(2, 3, 8)
     assert torch.equal(op(adapter, visual_query), upstream(adapter, visual_query))  # after the refusals
 

@@ -255,7 +255,11 @@ def bad_calls(r, device):
                                             r"must be on one device$"),
         ((xq, k_t, v, gate.to("meta"), ng), r"^adapter_attention: gate is on meta"),
         ((xq, k_t, v, gate, ng.to("meta")), r"^adapter_attention: new_gate is on meta"),
-    ]
+    ] + ([] if device.type == "cpu" else [  # CPU tensors among GPU ones
+        ((xq, k_t.cpu(), v, gate, ng), rf"^adapter_attention: k_t is on cpu but xq is on {dev}; all inputs must"),
+        ((xq, k_t, v, gate.cpu(), ng), r"^adapter_attention: gate is on cpu"),
+        ((xq, k_t, v, gate, ng.cpu()), r"^adapter_attention: new_gate is on cpu"),
+    ])
 
 
 def test_bad_input_is_refused(backend):
@@ -276,7 +280,7 @@ def test_kernel_and_fake_refuse_in_the_same_words(backend):
         with pytest.raises(OpInputError) as public:
             backend("adapter_attention", *args)
         assert str(kernel.value) == "surgery::" + str(public.value)
-        if any(t is not None and t.device.type == "meta" for t in args):
+        if len({t.device for t in args if t is not None}) > 1:
             continue  # a device mismatch: it cannot be put on meta tensors
         with pytest.raises(RuntimeError) as fake:
             op(*(t.to("meta") if t is not None else None for t in args))

@@ -191,7 +191,12 @@ def bad_calls(r, device):
         ((q, f), {"out": torch.empty(2, 7, 5, device="meta")}, r"^query_concat: out is \[2, 7, 5\] float32 on meta"),
         ((q, f), {"out": r(5, 7, 2).transpose(0, 2)}, r"^query_concat: out must be contiguous \(it is written row by "
                                                       r"row\); got strides"),
-    ]
+    ] + ([] if device.type == "cpu" else [  # CPU tensors among GPU ones
+        ((q.cpu(), f), {}, rf"^query_concat: feats is on {dev} but queries is on cpu; all inputs must be on one"),
+        ((q, f.cpu()), {}, rf"^query_concat: feats is on cpu but queries is on {dev}"),
+        ((q, f), {"out": torch.empty(2, 7, 5)}, rf"^query_concat: out is \[2, 7, 5\] float32 on cpu; expected "
+                                                rf"\[2, 7, 5\] float32 on {dev}$"),
+    ])
 
 
 def test_bad_input_is_refused(backend):
@@ -219,13 +224,17 @@ def test_kernel_and_fake_refuse_in_the_same_words(backend):
         with pytest.raises(OpInputError) as public:
             backend("query_concat", *args, **kwargs)
         assert str(kernel.value) == "surgery::" + str(public.value)
-        if any(t.device.type == "meta" for t in (*args, *kwargs.values())):
+        if len({t.device for t in (*args, *kwargs.values())}) > 1:
             continue  # a device mismatch: it cannot be put on meta tensors
         meta_args = [t.to("meta") for t in args]
         meta_kwargs = {k: t.to("meta") for k, t in kwargs.items()}
         with pytest.raises(RuntimeError) as fake:
             call(*meta_args, **meta_kwargs)
         assert str(fake.value) == str(kernel.value).replace(str(backend.device), "meta")
+    buffer = torch.zeros(2 * 7 * 5 + 40, device=backend.device)  # sharing memory: no meta form
+    with pytest.raises(RuntimeError, match=r"^surgery::query_concat: out shares memory with feats; the kernels"):
+        op.out(r(3, 5), buffer[:40].view(2, 4, 5), out=buffer[:70].view(2, 7, 5))
+    assert not buffer.any()
     queries, feats = r(3, 8), r(2, 5, 8)
     assert torch.equal(op(queries, feats), upstream(queries, feats))  # after the refusals (a CUDA context too)
 

@@ -1,17 +1,9 @@
-"""Sweep metrics for timm ViTs (registered by the `timm_vit` plugin): classification top-1 / top-5.
+"""Sweep metric for timm ViTs (registered by the `timm_vit` plugin): `classify`, top-1 / top-5 on
+labelled images, with a cross-entropy training loss so a sweep can train new register tokens on the
+task it measures.
 
-    classify   top1, top5 (top5 only with five classes or more): the share of eval images whose
-               label is the model's first / among its first five predictions. Training loss:
-               cross-entropy, so a sweep can train new register tokens on the task it measures.
-
-Data: records with an `image` and a `label` (an image folder, or a manifest with image and label
-columns, or the embedded digits). Labels that are all integers are the model's class indices;
-otherwise they are ranked in sorted order (an image folder's classes, as timm and torchvision
-number them), and the model's head must have as many outputs.
-
-Images go through timm's evaluation transform at the model's own input size and channels: the
-short side resized to size / crop_pct (bicubic, or the model's pretrained config's interpolation),
-a center crop, and the config's mean and std. Decoded images are kept for the worker's lifetime.
+Images go through timm's evaluation transform at the model's own input size, channels, mean and
+std; labels that are not all integers are ranked in sorted order, as an image folder's classes.
 """
 
 from __future__ import annotations

@@ -3,17 +3,10 @@
     arch = timm_arch("timm/deit3_small_patch16_224")   # "deit3_small_patch16_224"; None for a name timm lacks
     path = hub_weights(arch)                            # a file in the Hugging Face cache, or a CheckpointError
 
-The timm plugin (`timm_vit.surgery_resolve_model`) builds any timm model of its families by
-name: `timm/<name>` (the namespace of timm's Hugging Face repositories) or the plain timm name,
-with an optional pretrained tag (`vit_small_patch14_dinov2.lvd142m`). A name is only looked up
-in timm's own registry (`timm.is_model`, `get_pretrained_cfg`): never `hf-hub:` or `local-dir:`,
-with which `timm.create_model` would download or open files the name chooses, since the name may
-come from a checkpoint's metadata.
-
-Released weights come only from the Hugging Face cache as it already is (`try_to_load_from_cache`
-reads the cache folder, HF_HUB_CACHE / HF_HOME, and never the network): the repository timm's
-`pretrained_cfg` names (`hf_hub_id`), the files timm's repositories hold. Nothing is downloaded,
-so an offline machine gets an error naming the repository, the files and the folder at once.
+A name may come from a checkpoint's metadata, so it is only looked up in timm's own registry, never
+as `hf-hub:` or `local-dir:` (with which `timm.create_model` would download or open what the name
+chooses). Weights come only from the Hugging Face cache as it already is: nothing is downloaded, so
+an offline machine gets an error naming the repository, the files and the folder at once.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""The bridge from ImageBind's joint space to the LLaMA's width (upstream `LLaMA_adapter.forward_visual`).
+"""The bridge from ImageBind's joint space to the LLaMA's width (upstream `LLaMA_adapter.forward_visual`):
+`image_bind_proj`, then three residual SwiGLU blocks (RMSNorm, bias-free; with `legacy_bridge`
+LayerNorm and biases, as upstream's switch).
 
-    x = image_bind_proj(x)                                   # (B, K, E) -> (B, K, dim)
-    for k in 1, 2, 3:
-        n = image_bind_norm_k(x)
-        x = x + image_bind_f2_k(silu(image_bind_f1_k(n)) * image_bind_f3_k(n))   # SwiGLU, hidden 4 * dim
-
-`image_bind_norm_k` is an RMSNorm (eps 1e-6) and the `f` Linears have no bias; with
-`legacy_bridge` they are LayerNorm (eps 1e-5) and Linears with biases, as upstream's switch.
 Upstream keeps these modules as attributes of the model itself (keys `image_bind_proj.*`,
-`image_bind_norm_1.*`, `image_bind_f1_1.*`, ...), so they are created on the model it is given;
-every token is mapped on its own, so K visual tokens need nothing but K rows.
+`image_bind_norm_1.*`, ...), so they are created on the model given. Each token is mapped on its
+own, so K visual tokens need nothing but K rows.
 """
 
 from __future__ import annotations

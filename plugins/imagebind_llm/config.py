@@ -3,12 +3,8 @@
     ImageBindLLMConfig.named("7b")                                   # upstream's LLaMA_adapter
     ImageBindLLMConfig.named("tiny", num_cls_tokens={"vision": 4}, head_mode="all")
 
-What upstream hard-codes, as fields: the LLaMA (`params.json` plus what `load()` sets:
-max_seq_len 512, max_batch_size 1), the phase (`finetune` builds the LLaMA with biases and LoRA,
-`pretrain` without), the bridge's norm (`legacy_bridge`: LayerNorm and biases instead of RMSNorm),
-`query_layer` (32: every layer of the 7B gets an adapter) and the ImageBind encoder (a named
-`ImageBindConfig` of the imagebind plugin, with its CLS-token counts and head modes). The bridge's
-widths follow: ImageBind's joint width (1024) -> dim, SwiGLU hidden 4 * dim.
+What upstream hard-codes becomes fields: the LLaMA, the phase (`finetune`: biases and LoRA), the
+bridge's form (`legacy_bridge`), `query_layer`, and the ImageBind encoder's config.
 """
 
 from __future__ import annotations

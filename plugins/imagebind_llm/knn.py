@@ -1,18 +1,11 @@
-"""The optional kNN cache of ImageBind-LLM: joint-space embeddings pulled toward stored prototypes.
-
-    cache = KnnCache.from_file("knn.index", dim=1024)     # a faiss index file the user gives
-    feats = cache.mix(feats, cache_size=10, cache_t=20, cache_weight=0.5)
-
-Upstream (`LLaMA_adapter.forward_visual` with `knn=True`) downloads `knn.index` and, for an
-embedding x, searches its `cache_size` nearest prototypes p_i with similarities s_i, then
+"""The optional kNN cache of ImageBind-LLM (upstream's `knn=True`): joint-space embeddings pulled
+toward stored prototypes p with similarities s, from a faiss index file the user gives (never
+downloaded; faiss is an optional extra):
 
     r = softmax(s * cache_t) @ p;  r = r / |r|;  x' = (1 - cache_weight) * x + cache_weight * r;  x' / |x'|
 
-Here nothing is downloaded: the index is a file the user passes. faiss is an optional extra
-(`pip install faiss-cpu`); without it, asking for a cache is a clear error and nothing else
-needs it. Upstream's batched matmul mixes the prototypes of every row into every row when the
-batch is larger than one; here each embedding (each of the K visual tokens of each row) is mixed
-with its own prototypes, which is upstream's result at batch 1.
+Each embedding (each visual token of each row) is mixed with its own prototypes; upstream's batched
+matmul mixes every row's into every row, so this is upstream's result at batch 1.
 """
 
 from __future__ import annotations

@@ -3,26 +3,11 @@
     model = load_official("7B.pth", "/weights/llama", "imagebind_w3D.pth", llama_type="7B_chinese")
     save_official(model, "edited-7B.pth", imagebind_path="edited-imagebind.pth")
 
-The official layout is three things:
-
-* a LLaMA folder: `<llama_dir>/<llama_type>/params.json`, `consolidated.NN.pth` (merged when
-  there are several) and `<llama_dir>/tokenizer.model` (the released model was fine-tuned on
-  Open-Chinese-LLaMA, `7B_chinese`: OpenGVLab/LLaMA-Adapter `imagebind_LLM/tools/get_chinese_llama.py`);
-* the released `7B.pth`, `{'model': {...}}` with the keys upstream's `convert_ckpt.py` keeps: the
-  bridge (`image_bind_proj.*`, `image_bind_norm_{1,2,3}.*`, `image_bind_f{1,2,3}_{1,2,3}.*`),
-  `prefix_query.weight`, and the LLaMA's `bias`, `gate`, `lora` and `norm` keys;
-* the ImageBind encoder, `imagebind_w3D.pth` (ImageBind plus the point modality), a plain state
-  dict loaded strictly by the imagebind plugin (`imagebind_huge`) at the counts it holds.
-
-What upstream hard-codes is read from the tensors: dim and query_layer (`prefix_query`), the
-bridge's form (`legacy_bridge`: norms with biases), the phase (LLaMA biases and LoRA present:
-`finetune`), the LoRA rank; the ImageBind joint width must match the bridge's input.
-
-Files are read only through safe loaders (safetensors, `torch.load(weights_only=True)`), shared
-with the LLaMA-Adapter V2 plugin (`surgery_plugins.llama_adapter.loading`). The model is built on
-the `meta` device and the files' tensors become its parameters (`assign=True`), each cast and moved
-once, so a 7B model is never held twice. Every key is checked: one the architecture does not have,
-one it lacks, a shape that disagrees is a `CheckpointError` naming the keys.
+The layout is three things: a LLaMA folder, the released `7B.pth` (the bridge, `prefix_query` and the
+LLaMA's bias, gate, LoRA and norm keys) and the ImageBind encoder file; what upstream hard-codes is
+read from the tensors. Files are read weights-only with the LLaMA-Adapter plugin's readers, the model
+is built on the meta device and takes their tensors (a 7B is never held twice), and every key is
+checked (docs/imagebind_llm.md).
 """
 
 from __future__ import annotations

@@ -3,25 +3,11 @@
     model = ImageBindLLM(ImageBindLLMConfig.named("tiny"), tokenizer)
     model.generate({"Image": [images, 1], "Audio": [audio, 0.5]}, ["a prompt", ...])
 
-The data path (upstream `imagebind_LLM/llama/llama_adapter.py`), with K visual tokens:
-
-    {modality: (x, w)} -> image_bind -> normalised embeddings (B, k_m, E) per modality
-        -> sum of w_m / (sum w + 1e-6) * e_m (B, K, E) -> [kNN cache] -> bridge (B, K, dim)
-    prefix_query.weight (L, dim): layer n_layers - L + j gets visual + prefix_query[j] (B, K, dim)
-        as its adapter tokens; one token: out += tanh(gate) * wv(token), broadcast over positions;
-        K tokens: out += tanh(gate) * softmax(q wk(tokens)^T / sqrt(hd)) wv(tokens)
-
-Upstream reads one token per modality (ImageBind's heads keep CLS token 0), so K = 1 there and
-the first branch runs. Here a modality whose head is in mode `all` gives one token per CLS token
-(`num_cls_tokens.<modality>` = k, a site of the encoder), so K = k. In one call, every modality
-gives either K tokens or one; a single token is added to each of the K (a global embedding
-weighting every token alike), and two modalities with different counts above one are refused:
-token i of one encoder has no counterpart in another with a different count.
-
-The LLaMA is the LLaMA-Adapter V2 plugin's (`llama.py`: the same model without `new_gate`), with
-biases and LoRA in the `finetune` phase. Generation computes each adapted layer's adapter
-keys/values once per input (`cache_adapter=True`) and reuses them at every decoding step through
-the fused ops; `cache_adapter=False` recomputes them in every layer at every step, as upstream.
+Upstream (`imagebind_LLM/llama/llama_adapter.py`) reads one token per modality; here a modality whose
+head is in mode `all` gives one visual token per CLS token, and each adapted layer attends over the K
+tokens (one token is upstream's path exactly). Two modalities with different counts above one are
+refused: token i of one encoder has no counterpart in the other. The LLaMA is the LLaMA-Adapter V2
+plugin's; generation computes each layer's adapter keys/values once per input (`cache_adapter`).
 """
 
 from __future__ import annotations

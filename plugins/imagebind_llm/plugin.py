@@ -1,20 +1,9 @@
 """Backbone plugin for ImageBind-LLM: `query_layer`, plus every site of its ImageBind encoder.
 
-    query_layer               prefix_query.weight (query_layer, dim): one row per adapted layer,
-                              for the *last* query_layer LLaMA layers, so anchored at the end:
-                              shrinking drops the earliest adapted layer, growing adds one in front
-                              (every layer has its gate already)
-    num_cls_tokens.<modality> the encoder's sites, declared by the imagebind plugin: this plugin only
-                              says that `image_bind` is an `imagebind` model (`surgery_submodels`),
-                              and the engine asks that plugin for its sites. With the head in mode
-                              `all`, num_cls_tokens.<modality> = k is k visual tokens per item.
-
-The head modes are the encoder's option `head_mode`, reported through the same sub-model link:
-saved in checkpoints, restored by `surgery.load`, shown by `surgery inspect`. The KV-cache
-buffers `forward_inference` continues are dropped by the resize events.
-
-A caution (shown by `surgery inspect`): the released 7B.pth was trained with one visual token
-(one CLS token per modality); k > 1 is an experiment until trained, which is what this is for.
+`query_layer` is `prefix_query.weight`, one row per adapted layer for the *last* layers, so it is
+anchored at the end: shrinking drops the earliest adapted layer. The encoder's sites and head modes
+are the imagebind plugin's; this plugin only declares `image_bind` a sub-model (`surgery_submodels`).
+The released 7B.pth was trained with one visual token: k > 1 is an experiment until trained.
 """
 
 from __future__ import annotations

@@ -1,40 +1,11 @@
 """LLaMA-Adapter V2 generation end to end: prefill and decode, three ways (`surgery bench e2e`).
 
-    floor     the same LLaMA with no adapter at all: the limit an adapter path can approach
-    ours      this project's path: the adapter keys/values computed once per image (at prefill)
-              and reused by every decoding step, the fused ops in the adapter branch
-    upstream  upstream's path (`cache_adapter=False`): every adapted layer re-adds its adapter
-              tokens and recomputes their wk/wv projections at every forward
-
-Model: the `bench` config by default (dim 1024, 16 layers, 16 heads, query_layer 15, vocab 32000,
-CLIP ViT at 224 with patch 32), random weights with non-zero gates (`init="random"`), so the
-adapter branch does real work. query_len is set with `surgery.resize` (the tool itself).
-
-For each dtype x query_len x batch, before anything is timed, the greedy tokens of `ours` and
-`upstream` (`generate_tokens`, temperature 0) must be identical, else OutputMismatchError:
-a speed-up of a path that computes something else would mean nothing. The point's
-`tokens_identical` and `tokens_compared` are that comparison's result. Then, interleaved:
-
-    visual    forward_visual of the batch's images (the same for both adapter paths)
-    prefill   the prompt (`--prompt-len` tokens per row) from position 0; for `ours` this includes
-              computing the adapter keys/values, the once-per-image work it moves there
-    decode    one decoding step (one new token per row) at position prompt_len with a warm KV
-              cache: the steady state of generation; tokens/s = batch / step time
-
-Reported per path: prefill ms and decode ms (p20 / p50 / p80) and decode tokens/s; per point: the
-ratios ours/floor (decode) and upstream/ours (decode and prefill), with the targets of the
-LLaMA-Adapter issue where it sets one. A point is `noisy`, and claims neither met nor not met,
-when ours is faster than the no-adapter floor (it does the floor's work plus the adapter's, so only
-noise can put it below) or when a decode timing's spread, (p80 - p20) / p50, exceeds NOISY_SPREAD;
-`noise` says which.
-
-All three paths are the model's own code: `forward_inference` with cached adapter keys/values
-(ours) or without (upstream), and its LLaMA's `forward_layers` with no adapter (the floor). Timing,
-the run's environment, tables and plots are the core's (`surgery.bench.timing`, `.report`).
-
-Plots: `e2e_decode_<dtype>.png`, decode tokens/s of each path at every point (grouped bars, any
-grid, --quick included), and `e2e_decode_<dtype>_b<batch>.png`, tokens/s against query_len, where
-a batch has two query_lens or more.
+`floor` (the same LLaMA with no adapter: the limit an adapter path can approach), `ours` (adapter
+keys/values computed once per image, the fused ops) and `upstream` (`cache_adapter=False`: recomputed
+at every forward), all through the model's own code. Before anything is timed the greedy tokens of
+ours and upstream must be identical: a speed-up of a path that computes something else means
+nothing. A point is `noisy`, claiming neither met nor not met, when ours beats the floor or a decode
+timing spreads more than NOISY_SPREAD. Method and results: docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """The CLIP ViT-L/14 image encoder of LLaMA-Adapter V2, returning every token.
 
-Upstream (`LLaMA_adapter.clip_encode_image`) runs OpenAI CLIP's visual tower but skips the
-CLS-only pooling: `ln_post` is applied to all 1 + N tokens and each one is projected with
-`proj`, giving (B, 257, 768) for ViT-L/14 at 224. This module is that encoder built from
-timm's `VisionTransformer` in the CLIP layout (what timm itself uses for
-`vit_large_patch14_clip_quickgelu_224`): class token, learned positional embedding that covers
-the class row, `norm_pre` (= ln_pre), QuickGELU, LayerNorm eps 1e-5, no patch-embed bias, final
-`norm` (= ln_post) and a bias-free `head` (= proj.T), with `global_pool=''` so nothing is
-pooled.
-
-Because it *is* a timm `VisionTransformer` (same `_pos_embed`), the built-in `timm_vit` plugin
-recognises a standalone `ClipVision` too: its class token and register tokens are sites.
-
-Weights come in OpenAI's layout (`visual.*` in a CLIP checkpoint, `clip.visual.*` in a full
-LLaMA_adapter state dict); `convert_openai_visual` maps them, `to_openai_visual` maps back.
+Upstream (`LLaMA_adapter.clip_encode_image`) skips CLIP's CLS-only pooling: `ln_post` and `proj`
+apply to all 1 + N tokens, (B, 257, 768) at 224. Built on timm's `VisionTransformer` in the CLIP
+layout (as timm's `vit_large_patch14_clip_quickgelu_224`) with `global_pool=''`, so the `timm_vit`
+plugin recognises a standalone `ClipVision` too. OpenAI's `visual.*` weights convert both ways
+(`convert_openai_visual`, `to_openai_visual`).
 """
 
 from __future__ import annotations

@@ -1,26 +1,14 @@
 """`surgery generate`'s options, and the families of models it generates with (no torch here).
 
-There is one `surgery generate`: the LLaMA-Adapter V2 plugin registers it, because the generation
-loop, the LLaMA tokenizer and the Alpaca template it runs are this plugin's. Other plugins whose
-models generate through that loop (ImageBind-LLM) join it without this plugin naming them: their
-command module (the `surgery.commands` entry point) sets a module attribute
+The LLaMA-Adapter V2 plugin registers the one `surgery generate`, since the loop, tokenizer and
+template are its own. Plugins whose models generate through that loop join it without this plugin
+naming them: their command module declares a `Family`,
 
-    GENERATION_FAMILY = Family(name="ImageBind-LLM", backbone="imagebind_llm",
-                               modalities=("image", "audio", "points"), mixes=True,
-                               encoder_option="--imagebind", functions="pkg.generate",
-                               add_arguments=add_options)   # its own options, the encoder option among them
+    GENERATION_FAMILY = Family(name="ImageBind-LLM", backbone="imagebind_llm", modalities=("image", "audio",
+                               "points"), mixes=True, encoder_option="--imagebind", functions="pkg.generate")
 
-and `pkg.generate` (imported only when a generation runs) defines
-
-    load_official(args, dtype) -> model   # from the official files (args.llama_dir, args.checkpoint, ...)
-    prepare(model, args) -> None          # (optional) the family's options on a built model
-    read_inputs(model, inputs, batch)     # {modality: ([InputFile], weight)} -> the first argument of the
-                                          # model's generate_tokens(inputs, prompts, ..., on_token=)
-
-A registered model (`--model NAME`) picks the family whose `backbone` is its backbone; official
-files pick the family whose encoder option was given (`--clip FILE`: LLaMA-Adapter V2,
-`--imagebind FILE`: ImageBind-LLM). Families are listed by command modules the SURGERY_PLUGINS
-variable selects, as commands are.
+A registered model picks the family of its backbone; official files, the one whose encoder option
+was given (`--clip`, `--imagebind`).
 """
 
 from __future__ import annotations
@@ -40,7 +28,11 @@ FAMILY_ATTRIBUTE = "GENERATION_FAMILY"
 
 @dataclass(frozen=True)
 class Family:
-    """A kind of model `surgery generate` runs (see the module doc)."""
+    """A kind of model `surgery generate` runs. `functions` names a module, imported only when a
+    generation runs, that defines `load_official(args, dtype) -> model` (from the official files:
+    args.llama_dir, args.checkpoint, ...), optionally `prepare(model, args)` (the family's options on
+    a built model), and `read_inputs(model, inputs, batch)`: {modality: ([InputFile], weight)} -> the
+    first argument of the model's `generate_tokens(inputs, prompts, ..., on_token=)`."""
 
     name: str                       # for messages: "LLaMA-Adapter V2"
     backbone: str                   # the backbone of its registered models

@@ -1,25 +1,12 @@
 """The LLaMA language model of LLaMA-Adapter V2 (multimodal), with its adapter attention.
 
-ImageBind-LLM's `llama.py` is the same model without `new_gate` (and with the softmax always
-applied, as here), so the `imagebind_llm` plugin builds on these pieces too: `Transformer`
-(`forward_layers` runs the layers with per-layer adapters) and `decode` (upstream's sampling loop).
-
-Parameter names and shapes are upstream's (`llama_adapter_v2_multimodal7b/llama/llama.py`), so
-a Meta checkpoint or a released adapter checkpoint loads with `load_state_dict` as it is.
-What differs from upstream, and why:
-
-* no hard-coded device or dtype: upstream builds the model under a CUDA half default and
-  allocates its KV cache with `.cuda()` inside `.eval()`; here nothing is allocated by
-  `.eval()`/`.train()`, and caches are made on demand on the device and in the dtype of the
-  activations;
-* rotary tables are computed in float32 on demand and cached per device in a plain object, not
-  stored as a complex attribute or buffer (a buffer would be cast by `model.to(bfloat16)`);
-* the KV cache is an explicit object passed to the layers (`KVCache`), laid out (B, H, S, hd)
-  so that attention reads it without a transpose;
-* the adapter keys/values can be computed once per image (`Attention.adapter_kv`) and passed
-  as `adapter_kv=` instead of the adapter tokens; both give identical results;
-* the softmax of the main branch is always applied (upstream's multimodal copy skips it when
-  `mask is None`, a bug the adapter model never triggers because it always builds a mask).
+Upstream's parameter names and shapes (`llama_adapter_v2_multimodal7b/llama/llama.py`), so Meta's and
+the released adapter checkpoints load as they are; ImageBind-LLM's `llama.py` is the same model
+without `new_gate`, so that plugin builds on these pieces too. Deliberately unlike upstream: no
+hard-coded device or dtype (caches are made on demand in the activations' dtype and device), rotary
+tables in float32 kept out of the state dict (a buffer would be cast by `.to(bfloat16)`), an explicit
+(B, H, S, hd) `KVCache`, adapter keys/values computable once per image (`Attention.adapter_kv`), and
+the main softmax always applied (upstream's multimodal copy skips it when `mask is None`).
 """
 
 from __future__ import annotations

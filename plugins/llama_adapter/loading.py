@@ -3,32 +3,11 @@
     model = load_official("BIAS-7B.pth", "/weights/llama", "7B", "ViT-L-14-visual.safetensors")
     save_official(model, "edited-adapter.pth")          # {'model': adapter subset, 'config': {...}}
 
-The official layout is three things:
-
-* a LLaMA folder: `<llama_dir>/<llama_type>/params.json`, `<llama_dir>/<llama_type>/consolidated.NN.pth`
-  (one file per model-parallel rank) and `<llama_dir>/tokenizer.model`;
-* an adapter checkpoint `{'model': {...}, 'config': {...}}` as released (BIAS-7B, LORA-BIAS-7B,
-  CAPTION-7B, LORA-BIAS-7B-v21): the visual-query branch, `adapter_query`, the per-layer gates,
-  biases, norms and (LoRA styles) the LoRA matrices and `new_gate`;
-* the CLIP image tower, as a state dict with OpenAI key names (`visual.*` or `clip.visual.*`),
-  in a `.pth` (read weights-only) or `.safetensors` file. OpenAI's own `ViT-L-14.pt` is a
-  TorchScript archive, which cannot be read without running it; it is refused with the one-liner
-  that converts it.
-
-Every file is read only through safe loaders: safetensors, or `torch.load(weights_only=True)`
-(`surgery.checkpoint`), so a pickle that would build objects or run code is refused
-(`UnsafeCheckpointError`) before anything in it runs.
-
-Upstream hard-codes the architecture (`query_len=10, query_layer=31, v_depth=8, ...`) when it
-loads, so a checkpoint with other counts loads wrongly or not at all. Here every hyper-parameter
-that the files determine is read from them (`adapter_hparams`): a checkpoint saved after surgery
-(say `query_len=5, query_layer=3`) loads with no flags. What the weights cannot tell
-(`v_num_heads`) comes from the checkpoint's config (`save_official` writes it), else upstream's
-default 16; an argument overrides both.
-
-Memory: the model is built on the `meta` device and the tensors read from the files become its
-parameters (`load_state_dict(assign=True)`), each cast and moved to the target once, so a 7B
-model is never materialised twice (peak: the files' tensors, plus one tensor being converted).
+Upstream hard-codes the architecture when it loads, so a checkpoint with other counts loads wrongly
+or not at all; here every hyper-parameter the files determine is read from them (`adapter_hparams`),
+so a checkpoint saved after surgery loads with no flags. Files are read weights-only (OpenAI's
+TorchScript `ViT-L-14.pt` is refused with the command that converts it), and the model is built on
+the meta device and takes their tensors, so a 7B model is never held twice (docs/llama_adapter.md).
 """
 
 from __future__ import annotations

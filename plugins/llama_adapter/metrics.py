@@ -1,19 +1,10 @@
-"""Sweep metric for LLaMA-Adapter V2 and ImageBind-LLM (registered by the `llama_adapter_v2`
-plugin): caption negative log-likelihood on (image, text) pairs, and a few generations.
+"""Sweep metric for LLaMA-Adapter V2 and ImageBind-LLM: `caption`, the negative log-likelihood of
+captions given their image (and a few greedy generations saved with the cell, so a count's effect
+can be read, not only measured).
 
-    caption   caption_nll: the mean over every caption token of -log p(token | image, prompt,
-              the caption's earlier tokens), through the model's training forward (teacher
-              forcing; the prompt's tokens are not scored); caption_ppl = exp(caption_nll).
-              The first `generations` eval images (option, default 3) are also captioned
-              greedily (`max_gen_len`, default 24 tokens) and saved with the cell
-              (generations/<cell>.json), so a count's effect can be read, not only measured.
-
-Each caption is scored as `prompt + caption + EOS`, the prompt being the Alpaca template of the
-instruction (option `prompt`, default "Generate caption of this image"), as LLaMA-Adapter V2 was
-trained (option `template=False`: the prompt as it is). Data: records with an `image` and a `text`; a LLaMA tokenizer: the model's own, else
-option `tokenizer` (the path of `tokenizer.model`). Training minimises the same NLL.
-Images get CLIP's preprocessing at the model's image size (ImageBind-LLM: its encoder's vision
-size, RGB first, as ImageBind's loader).
+Each caption is scored as `prompt + caption + EOS` through the model's training forward (teacher
+forcing; the prompt is not scored), the prompt in the Alpaca template as LLaMA-Adapter V2 was
+trained. Training minimises the same NLL. Options and data: docs/sweeps.md.
 """
 
 from __future__ import annotations

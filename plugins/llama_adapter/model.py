@@ -1,26 +1,13 @@
 """LLaMA-Adapter V2 multimodal: CLIP visual queries feeding adapters of the last LLaMA layers.
 
-    config = AdapterConfig.named("tiny")            # or "bench", "7b"
-    model = LLaMAAdapter(config, tokenizer)         # submodule names as upstream's LLaMA_adapter
-    model.generate(images, ["a prompt", ...])       # batch > 1, greedy or top-p, CPU or CUDA
+    model = LLaMAAdapter(AdapterConfig.named("tiny"), tokenizer)   # submodule names as upstream's
+    model.generate(images, ["a prompt", ...])                      # batch > 1, greedy or top-p
 
-The data path (upstream `llama_adapter.py`):
-
-    images (B, 3, S, S) -> clip (B, 1+N, C_clip) -> clip_proj, clip_proj_norm (B, 1+N, C)
-    [visual_query.weight (Q, C) ; feats] -> visual_blocks -> first Q rows
-        -> visual_proj, visual_proj_norm -> visual_query (B, Q, D)
-    adapter_query.weight (L*Q, D) seen as (L, Q, D); layer n_layers-L+j gets
-        adapter[j] + visual_query (B, Q, D) as its adapter tokens (late fusion)
-
-`query_len` (Q) and `query_layer` (L) are plain attributes read at every forward: the surgery
-plugin changes them (with the tensors) at run time. Everything derived from them is cached only
-under a key that contains them, and `drop_caches()` forgets it all.
-
-Generation keeps upstream's semantics (left-aligned prompts, prompt positions kept, cut at EOS)
-and adds two things: the adapter keys/values are computed once per image and reused by every
-decoding step (`cache_adapter=True`; upstream recomputes them at every step, which
-`cache_adapter=False` keeps as the baseline), and the KV cache is allocated on demand in the
-activations' dtype and device instead of by `.eval()` on CUDA.
+`query_len` (Q) and `query_layer` (L) are plain attributes read at every forward, so the surgery
+plugin can change them (with the tensors) at run time; everything derived from them is cached under
+a key that contains them, and `drop_caches()` forgets it all. Generation keeps upstream's semantics
+but computes the adapter keys/values once per image (`cache_adapter=False` keeps upstream's per-step
+recomputation as the baseline).
 """
 
 from __future__ import annotations

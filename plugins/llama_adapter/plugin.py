@@ -1,21 +1,10 @@
 """Backbone plugin for LLaMA-Adapter V2 multimodal: `query_len` and `query_layer` as token sites.
 
-    query_len    learned visual queries: `visual_query.weight` rows (Q, C), the Q axis of
-                 `adapter_query.weight` seen as (query_layer, query_len, dim), and the slice
-                 `[:, :query_len]` after the visual blocks (read from `model.query_len` at
-                 forward time, so the counter is all it needs)
-    query_layer  the L axis of that view: one row of adapter tokens per layer for the *last* L
-                 layers of LLaMA (`layers[-query_layer:]`), so the block is anchored at its end:
-                 shrinking drops the earliest adapted layer, growing adds one in front. Every
-                 layer already has its `gate`, so no other tensor changes.
-
-Both are applied by the core engine from these declarations alone (init strategies, atomicity,
-exact undo and recipes come from there). The model caches per-image adapter keys/values and a
-KV cache sized for the counts; the resize events drop them.
-
-A caution for users (shown in `surgery inspect`): truncating or growing learned queries is
-meaningful for models trained to run with fewer or more of them (MQT-style); on the released
-checkpoints it is an experiment, which is what this toolkit is for.
+Both are the axes of `adapter_query.weight` seen as (query_layer, query_len, dim) (`query_len` also
+`visual_query.weight`'s rows), applied by the engine from the declarations alone. `query_layer` is
+anchored at the end (adapters go to the last L layers, each with its gate already). The resize events
+drop the per-image adapter keys/values and KV cache. On the released checkpoints other counts are an
+experiment (docs/llama_adapter.md).
 """
 
 from __future__ import annotations

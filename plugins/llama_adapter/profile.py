@@ -1,26 +1,10 @@
 """Where the time goes in one LLaMA-Adapter V2 generation (`surgery profile`).
 
 Runs `generate_tokens` (greedy, this project's path) under `torch.profiler`, writes a Chrome /
-Perfetto trace (open it in https://ui.perfetto.dev or chrome://tracing) and prints the top
-operators by self time and the time of each stage.
-
-Stages (record_function ranges; on GPU also NVTX ranges, for Nsight Systems):
-    visual_path         forward_visual: everything from images to visual queries, containing
-      visual_encoder      the CLIP image tower
-      query_concat        the learned queries put in front of the features (fused op)
-      visual_blocks       the visual transformer blocks
-    adapter_add         every adapted layer's adapter tokens (fused op), once per image
-    prefill             the prompt's forward pass
-    decode_step_<i>     each decoding step, containing
-      adapter_attention   the gated adapter branch of each adapted layer (fused op)
-
-Nothing is patched. The fused ops are torch ops: the profiler records each call as
-`surgery::<op>` (`surgery::<op>_triton` on the Triton backend) by itself; the eager backend runs
-plain torch and has no such event, so those stages are absent under SURGERY_KERNEL=eager. The
-other ranges are opened and closed by torch's module hooks (`register_forward_pre_hook`,
-`register_forward_hook`) on the model's own modules, removed after the run: the CLIP tower, the
-visual blocks, and each forward pass of the language model (from its token embedding to its
-output layer: the first is the prefill, the others decoding steps).
+Perfetto trace and prints the top operators by self time and the time of each stage. Nothing is
+patched: the fused ops are torch ops, recorded as `surgery::<op>` by themselves, and the stages'
+ranges (also NVTX on GPU) are opened and closed by torch's module hooks, removed after the run.
+The stages: docs/performance.md.
 """
 
 from __future__ import annotations

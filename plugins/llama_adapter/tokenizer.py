@@ -1,14 +1,9 @@
 """LLaMA's sentencepiece tokenizer, the Alpaca prompt template and top-p sampling.
 
-The interface is upstream's (`llama/tokenizer.py`, `llama/utils.py` of LLaMA-Adapter V2
-multimodal), so generation code written against it reads the same: `n_words`, `bos_id`,
-`eos_id`, `pad_id` as plain ints, `encode(s, bos, eos)` and `decode(ids)`. For LLaMA-1's
-`tokenizer.model` those are 32000, 1, 2 and -1 (no pad piece: upstream fills unused positions
-with -1 and never embeds them).
-
-`shipped_tokenizer()` is the small tokenizer shipped in the package (`data/tokenizer.model`, trained
-by `scripts/train_tokenizer.py` on `data/corpus.txt` with LLaMA's special ids: unk 0, bos 1, eos 2,
-no pad): the tiny and bench registered models of LLaMA-Adapter V2 and ImageBind-LLM decode with it.
+Upstream's interface (`llama/tokenizer.py`, `llama/utils.py`), so generation code reads the same:
+`n_words`, `bos_id`, `eos_id`, `pad_id` (-1: LLaMA has no pad piece), `encode(s, bos, eos)`,
+`decode(ids)`. `shipped_tokenizer()` is the small tokenizer in the package, with LLaMA's special
+ids, that the tiny and bench registered models decode with (`scripts/train_tokenizer.py`).
 """
 
 from __future__ import annotations

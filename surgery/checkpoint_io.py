@@ -1,17 +1,12 @@
 """Reading and writing checkpoint files safely: what `surgery.checkpoint` and plugins' loaders share.
 
-    from surgery.checkpoint_io import read_checkpoint, read_torch, write_atomically, listing, tensor_key
-
     state_dict, metadata = read_checkpoint("model.safetensors")   # or a .pth/.pt/.bin: weights only
-    raw = read_torch("BIAS-7B.pth")                               # {'model': ..., 'config': ...} as saved
     write_atomically(path, lambda tmp: torch.save(payload, tmp))  # complete at `path`, or not there
-    raise CheckpointError(f"missing keys: {listing(sorted(missing, key=natural_key))}")
 
-This is the core's public API for plugin authors who read released layouts: use it rather than
-`torch.load`, so every file is read the same safe way (safetensors, or a pickle through
-`torch.load(weights_only=True)`; a pickle that would build objects or run code is refused with an
-`UnsafeCheckpointError`), every broken file gives the same one-line `CheckpointError`, and every
-file written appears whole or not at all. `tensor_key` names a module's tensor as a state dict does.
+Plugins that read released layouts use this rather than `torch.load`, so every file is read the same
+safe way (a pickle that would build objects is an `UnsafeCheckpointError`), every broken file gives
+the same one-line `CheckpointError`, and every file written appears whole or not at all
+(docs/plugins.md, "Checkpoint files in a plugin").
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from .compose import Part, part_at, parts
 from .compose import calls as part_calls
 from .declarations import check_count, check_declaration, check_request, read_sites, sites
 from .edit import Edit
-from .errors import ResizeError, SurgeryError
+from .errors import ResizeError, SiteError, SurgeryError
 from .guard import Block, guard_of
 from .site import TokenSite, module_paths
 from .state import model_state, set_state
@@ -138,7 +138,8 @@ class Transaction:
     @property
     def now(self) -> dict[str, int]:
         """{site: count} as the transaction has left them so far."""
-        self.start  # noqa: B018 - read the sites once if nothing has yet
+        if self._start is None:
+            self._redeclare()
         return dict(self._now)
 
     def _redeclare(self) -> dict[str, TokenSite]:
@@ -190,6 +191,9 @@ class Transaction:
         for name in order:
             if self._declared is not declared:  # re-read since the check: check this site again
                 declared = self.declared
+                if name not in declared:
+                    raise SiteError(f"site {name!r} is no longer declared once {', '.join(changes)} changed; "
+                                    f"its plugin declares it only at some counts of the others")
                 check_declaration(declared[name], declared, self.paths)
                 check_count(declared[name], requested[name])
             site, new = declared[name], requested[name]

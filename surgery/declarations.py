@@ -31,7 +31,7 @@ def backbone_of(model: nn.Module, backbone: str | None = None) -> str:
     if not isinstance(backbone, str) or backbone not in host.backbones:
         raise BackboneError(f"backbone={short_repr(backbone)} is not a registered backbone; known: "
                             f"{', '.join(sorted(host.backbones)) or 'none'}")
-    claimed, failure = host._detect(host.backbones[backbone], model)
+    claimed, failure = host.detect(host.backbones[backbone], model)
     if not claimed:
         raise BackboneError(f"backbone={backbone!r} does not recognise a model of type {type(model).__name__}"
                             f"{f' ({failure})' if failure else ''}; leave backbone= out to identify the model")

@@ -262,7 +262,7 @@ class PluginHost:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def _detect(self, backbone: Backbone, model: nn.Module) -> tuple[bool, str | None]:
+    def detect(self, backbone: Backbone, model: nn.Module) -> tuple[bool, str | None]:
         """(whether `backbone` claims `model`, the error when its detect raised). A raising detect
         claims nothing and is recorded against its plugin (strict mode: raises PluginError)."""
         try:
@@ -280,14 +280,14 @@ class PluginHost:
         failing for any model (a missing optional import) shows on its record before a model is needed."""
         probe = nn.Module()
         for backbone in list(self.backbones.values()):
-            self._detect(backbone, probe)
+            self.detect(backbone, probe)
 
     def identify(self, model: nn.Module) -> str:
         """The backbone name of a built model; an error naming the candidates when none or several match.
         A backbone whose detect raises is left out (and recorded against its plugin)."""
         matches, failures = [], []
         for backbone in list(self.backbones.values()):
-            claimed, failure = self._detect(backbone, model)
+            claimed, failure = self.detect(backbone, model)
             if claimed:
                 matches.append(backbone)
             elif failure:

@@ -93,8 +93,7 @@ def site_tensors(model: nn.Module, site: Optional[str] = None) -> dict[int, tupl
         for t in s.tensors:
             tensor = getattr(t.module, t.name)
             if tensor is not None:
-                prefix = paths.get(id(t.module), "")
-                found[id(tensor)] = (f"{prefix}.{t.name}" if prefix else t.name, tensor)
+                found[id(tensor)] = (t.key(paths), tensor)
     return found
 
 

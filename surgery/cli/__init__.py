@@ -1,28 +1,10 @@
 """The `surgery` command line: see a model's token sites, and change them in checkpoint files.
 
-    surgery plugins [--json]                 which backbone plugins loaded (and which failed, why)
-    surgery models [--json]                  the models plugins can build by name
-    surgery backends [--json]                the fused kernels' backends: built, where they run, why not
-    surgery inspect TARGET [--model NAME]    sites, counts, constraints, tensors of a model or checkpoint
-    surgery resize CKPT --set SITE=N -o OUT  resize a checkpoint file into a new file
-    surgery demo [KIND | --model NAME]       the installed story (a plugin's), or one model, checked as it goes
-    surgery bench KIND                       benchmarks: kernels, surgery cost, and kinds plugins add
-    surgery sweep                            metrics across token counts: grid, training, plots (local or Ray)
-    (and the commands plugins add, e.g. `surgery profile`, `surgery bench e2e`: `surgery --help`)
-
-Every command, the core's included, comes from a command module through `surgery.commands`:
-the core's (`builtin.py`) is registered first, so a plugin cannot take its names. One module
-per command: listing.py, inspect.py, resize.py, demo.py, bench.py; format.py and arguments.py
-are what they share.
-
-Errors follow one rule: a single line `surgery: error: ...` on stderr and a non-zero exit (2 for
-a malformed command line, 1 for anything token-surgery refuses or an unexpected error), with no
-traceback, and no file written or changed. Set SURGERY_DEBUG=1 to get the traceback anyway.
-Exit 0 means the command did its work: output its reader no longer wants (`| head`) is dropped,
-not allowed to stop a file being written.
-
-torch (and timm, through the plugins) is imported only by the commands that need a model, so
-`surgery --help` answers at once.
+Every command, the core's included, comes from a command module through `surgery.commands`; the
+core's (builtin.py) registers first, so no plugin takes its names. Errors are one line, `surgery:
+error: ...`, exit 2 for a malformed command line and 1 for a refusal, with no traceback
+(SURGERY_DEBUG=1 shows it) and no file written or changed. torch is imported only by the commands
+that need a model, so `surgery --help` answers at once.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """`surgery demo`: the installed story, or the whole idea on one model, each claim checked as it goes.
 
-Typed alone, `surgery demo` runs the installed *story*: the first kind of the `demo` group to be
-registered. The core's command module registers first and has none; the built-in plugins' command
-modules follow by entry-point name, then other packages' (`CommandRegistry.load_entry_points`), so
-the built-in story (ImageBind-LLM's `surgery demo study`) wins over a third-party one, which
-remains `surgery demo <its name>`. With no story installed, or with --model or --set, it walks one
-model (default vit_tiny_test): build, list the sites, resize, then the guarantees
-(`walkthrough.check_guarantees`): the old counts for a while, undo for good and redo, save and
-load into a fresh model, the recipe. A failed check prints MISMATCH and exits 1, so the demo
-doubles as a smoke test of a plugin.
+Typed alone it runs the first story registered as a kind of `demo` (the core has none and registers
+first, then the built-in plugins', so ImageBind-LLM's `study` wins over a third-party one). With no
+story, or with --model or --set, it walks one model (default vit_tiny_test) through a resize and
+the guarantees (`walkthrough.check_guarantees`). A failed check prints MISMATCH and exits 1, so the
+demo doubles as a smoke test of a plugin.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """What the demos share: numbered steps that show the code they run, checks that record what
 failed, and the guarantees every change keeps, checked on the model at hand.
 
-`surgery demo --model NAME` (demo.py) walks one model through a change and then the guarantees;
-a plugin's story (ImageBind-LLM's `surgery demo study`) runs its own steps, then the same
-guarantees on its model. Every "bit-exact" line is a `torch.equal`; a failed check prints
-MISMATCH and `finish()` returns 1, so a demo doubles as a smoke test of a plugin. Public for the
-command modules of plugins: import it only inside a command's `run` (it imports torch on use).
+Every "bit-exact" line is a `torch.equal`; a failed check prints MISMATCH and `finish()` returns 1.
+Public for plugins' command modules (a story runs its own steps, then the same guarantees): import
+it only inside a command's `run`, since it imports torch on use.
 """
 
 from __future__ import annotations

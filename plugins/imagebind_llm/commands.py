@@ -47,7 +47,7 @@ alone runs this story (the first one registered). The text is gibberish: the wei
 
 def add_story_arguments(p) -> None:
     p.add_argument("--size", choices=STORY_SIZES, default=STORY_SIZES[0],
-                   help="tiny (default, seconds) or bench (7B's shape ratios: timings closer to 7B's, about a minute)")
+                   help="tiny (default, seconds) or bench (7B's shape ratios: timings closer to 7B's; slower)")
     p.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens per generation (default 16)")
     p.add_argument("--out", metavar="DIR", help="keep the story's checkpoint in DIR (default: a temporary folder)")
 

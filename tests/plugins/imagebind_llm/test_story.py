@@ -146,6 +146,22 @@ def test_the_kept_checkpoint_is_the_changed_model(told):
     assert "num_cls_tokens.vision: 1 -> 4" in recipe and "option head_mode: vision first -> all" in recipe
 
 
+def test_the_printed_code_runs_as_written(told):
+    """Section 4's lines (`>>> model = surgery.build(...)`, `>>> surgery.resize(...)`, ...) give the
+    state the story reports when run as printed."""
+    _, out, _, _ = told
+    section = out[out.index(SECTIONS[3]):out.index(SECTIONS[4])]
+    code = [ln.split(">>> ", 1)[1] for ln in section.splitlines()
+            if ln.startswith(("  >>> model = surgery.build(", "  >>> surgery."))]
+    assert len(code) == 3, code
+    namespace = {"surgery": surgery}
+    for line in code:
+        exec(line, namespace)
+    model = namespace["model"]
+    assert surgery.counts(model)[VISION] == 4 and model_options(model)["head_mode"]["vision"] == "all"
+    assert model.config.max_seq_len == CAST.imagebind_llm_kwargs["max_seq_len"]
+
+
 def test_a_failed_check_prints_mismatch_and_exits_1(capsys, monkeypatch):
     load = surgery.load
 

@@ -1,5 +1,6 @@
-"""ImageBind's commands: `surgery bench imagebind` (embedding throughput per modality, ours beside
-upstream's when a checkout of it is given).
+"""ImageBind's commands: `surgery embed` (embeddings of files of any modality, written to one file;
+embed.py) and `surgery bench imagebind` (embedding throughput per modality, ours beside upstream's
+when a checkout of it is given).
 
 This is the plugin's command module (entry point `surgery.commands`, the same name as its backbone
 entry, `imagebind`). Every `surgery` call imports it, `--help` included, so at module level it
@@ -49,7 +50,22 @@ def run_embed(args: argparse.Namespace) -> int:
     return finish(summary_markdown(rows), out, files)
 
 
+def add_embed_command_arguments(p: argparse.ArgumentParser) -> None:
+    from .embed_options import add_arguments
+
+    add_arguments(p)
+
+
+def run_embed_command(args: argparse.Namespace) -> int:
+    from .embed import run
+
+    return run(args)
+
+
 @surgery.hookimpl
 def surgery_register_commands(register):
+    register("embed", run_embed_command, add_arguments=add_embed_command_arguments,
+             help="ImageBind embeddings of image, video, audio, depth, thermal, IMU, point-cloud and text inputs "
+                  "(.safetensors, .npz, .npy)")
     register("imagebind", run_embed, group="bench", description=EMBED_DESCRIPTION, add_arguments=add_embed_arguments,
              help="ImageBind embedding throughput per modality (ours; upstream's beside it with --upstream)")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 import surgery
 from surgery.cli.format import format_shape_changes, print_lines, state_shapes
+from surgery.commands import UsageError
+from surgery.errors import BackboneError
 from surgery.cli.walkthrough import (Change, Walkthrough, check_guarantees, checkpoint_name, forward_runner,
                                      keywords, shapes)
 from surgery.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -69,9 +71,15 @@ small tokenizer: the text is gibberish, the shapes, timings and checks are real.
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 2:
-        raise surgery.errors.ModelInputError(f"--max-new-tokens must be at least 2 (a first token, then decoding "
-                                             f"to time), got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be at least 2 (a first token, then decoding to time), "
+                         f"got {args.max_new_tokens}")
     cast = SIZES[args.size]
+    missing = [name for name in (cast.llama_adapter, cast.imagebind, cast.imagebind_llm)
+               if name not in surgery.get_host().models]
+    if missing:  # e.g. SURGERY_PLUGINS left out the llama_adapter_v2 or imagebind plugin
+        raise BackboneError(f"the study's story needs the models {', '.join(missing)}, which no loaded plugin "
+                            f"registers; it uses the llama_adapter_v2, imagebind and imagebind_llm plugins "
+                            f"(see 'surgery plugins')")
     change = Change({VISION: CLS_TOKENS}, {"head_mode": {"vision": "all"}})
     file_name = checkpoint_name(cast.imagebind_llm, change, args.out)  # before any work
     walk = Walkthrough()

@@ -181,7 +181,7 @@ def test_a_failed_check_prints_mismatch_and_exits_1(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, status, mentions", [
-    (["demo", "study", "--max-new-tokens", "1"], 1, "--max-new-tokens must be at least 2"),
+    (["demo", "study", "--max-new-tokens", "1"], 2, "--max-new-tokens must be at least 2"),
     (["demo", "study", "--size", "huge"], 2, "invalid choice: 'huge'"),
 ])
 def test_bad_options_are_one_line(capsys, argv, status, mentions):
@@ -189,6 +189,16 @@ def test_bad_options_are_one_line(capsys, argv, status, mentions):
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == status and len(lines) == 1 and mentions in lines[0] and "Traceback" not in err, err
+
+
+def test_without_the_plugins_it_needs_the_story_is_one_line_before_any_output(capsys, monkeypatch):
+    models = dict(surgery.get_host().models)
+    del models[CAST.llama_adapter]  # as if SURGERY_PLUGINS had left out the llama_adapter_v2 plugin
+    monkeypatch.setattr(surgery.get_host(), "models", models)
+    code = main(["demo", "study"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert CAST.llama_adapter in err and "llama_adapter_v2, imagebind and imagebind_llm plugins" in err
 
 
 def test_an_existing_checkpoint_in_out_is_refused_before_any_work(capsys, tmp_path):

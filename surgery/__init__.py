@@ -5,9 +5,7 @@
     surgery.resize(model, reg_tokens=4)          # atomic; init/shrink strategies; optimizer= follows
     with surgery.tokens(model, reg_tokens=0):    # temporary, bit-exact restore
         ...
-    surgery.set_options(model, head_mode={"vision": "all"})  # plugin options, recorded like counts
-    surgery.save(model, "edited.safetensors")    # weights + counts + options + recipe
-    surgery.load("edited.safetensors", model)    # replays the counts, then loads
+    surgery.save(model, "edited.safetensors")    # weights + counts + options + recipe; surgery.load replays
 
 Backbones come from plugins (`surgery plugins` lists them). Names are imported lazily, so
 `import surgery` stays cheap for the CLI and the pytest plugin.

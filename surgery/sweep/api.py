@@ -82,7 +82,7 @@ def sweep(models: str | Sequence[str], sites: Mapping[str, Any], *, inits: str |
           device: str = "cpu", threads_per_cell: int | None = None, eval_batch_size: int = 64,
           shrink: str = "truncate", out: str | Path = "out/sweep", force: bool = False,
           progress: bool = True) -> SweepResult:
-    """Run a sweep and write its results to `out` (see the package doc and docs/sweeps.md).
+    """Run a sweep and write its results to `out` (docs/sweeps.md).
 
     `models`: registered names or checkpoint files; `sites`: {site: counts} (a list, or "0..8");
     `inits`, `seeds`, `head_modes`: the other axes; `joint`: every combination of the sites' counts

@@ -87,7 +87,8 @@ def _file_part(text: str) -> str:
 
 
 def plot(results: Sequence[CellResult], out: Path) -> list[Path]:
-    """One PNG per model, swept site (or joint sites) and metric value; see the module doc."""
+    """One PNG per model, swept site (or joint sites) and metric value: the metric against the count,
+    a line per init strategy (and head mode), seeds averaged, the baseline marked."""
     files = []
     ok = [r for r in results if r.ok]
     for model in dict.fromkeys(r.cell.model for r in ok):

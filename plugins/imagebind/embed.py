@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         for option, x in batches.items():
             x = x.to(device) if option == "text" else x.to(device=device, dtype=like.dtype)
-            try:
-                embeddings[option] = model.encode(INPUTS[option], x).float().cpu()  # [B, D] or [B, k, D]
+            try:  # [B, D] or [B, k, D], --batch-size inputs at a time
+                embeddings[option] = torch.cat([model.encode(INPUTS[option], chunk).float().cpu()
+                                                for chunk in x.split(args.batch_size)])
             except ModelInputError as exc:  # a size the encoder cannot take: say which files
                 raise ModelInputError(f"--{option} {' '.join(inputs[option])}: {exc}") from None
     write_embeddings(out, embeddings, metadata(source, model, inputs))

@@ -68,6 +68,17 @@ def head_mode(text: str) -> HeadMode:
     return HeadMode(modality or None, mode)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     model = p.add_argument_group("the model")
@@ -82,6 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="the model's dtype (default float32); the file is float32 either way")
     model.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    model.add_argument("--batch-size", type=positive, default=32, metavar="N",
+                       help="inputs the model encodes at once (default 32); files are read first, all of them")
     inputs = p.add_argument_group("inputs")
     for option, modality in INPUTS.items():
         metavar = "TEXT" if option == "text" else "FILE"
@@ -94,4 +107,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--force", action="store_true", help="replace OUT if it exists (a regular file only)")
 
 
-__all__ = ["INPUTS", "FORMATS", "COSINE_ROWS", "DESCRIPTION", "HeadMode", "head_mode", "add_arguments"]
+__all__ = ["INPUTS", "FORMATS", "COSINE_ROWS", "DESCRIPTION", "HeadMode", "head_mode", "positive", "add_arguments"]

@@ -261,6 +261,7 @@ def test_audio_from_a_wav_file(tmp_path, capsys):
     (["--image", "{a}", "--set", "num_cls_tokens.sound=2"], 1, ["num_cls_tokens.sound", "num_cls_tokens.vision"]),
     (["--image", "{a}", "--set", "num_cls_tokens.text=1"], 1, ["text"]),
     (["--image", "{a}", "-o", "{dir}/emb.txt"], 2, ["'.txt'", ".safetensors, .npz, .npy"]),
+    (["--image", "{a}", "--batch-size", "0"], 2, ["--batch-size", ">= 1"]),
     (["--image", "{a}", "--depth", "{depth}", "-o", "{dir}/emb.npy"], 2, [".npy", ".safetensors or .npz"]),
     (["--points", "{depth}"], 1, ["--points", "no point encoder", TINY_W3D]),
     (["--depth", "{a}"], 1, ["--depth", ".npy or .pt"]),
@@ -288,12 +289,15 @@ def test_the_model_must_be_named_and_be_imagebind(tmp_path, capsys):
     assert "--weights" in refused(["--model", "imagebind_huge", "--image", image, "-o", out], capsys, tmp_path)
 
 
-def test_more_than_16_inputs_print_no_matrix(tmp_path, capsys):
+def test_more_than_16_inputs_in_batches_print_no_matrix(tmp_path, capsys):
     images = [picture(tmp_path / f"{i}.png", i, size=(8, 8)) for i in range(17)]
-    code, printed, err = run(["--model", TINY, "--image", *images, "-o", str(tmp_path / "e.npy")], capsys)
+    code, printed, err = run(["--model", TINY, "--image", *images, "--batch-size", "5", "-o", str(tmp_path / "e.npy")],
+                             capsys)
     assert code == 0, err
     assert "(17, 24)" in printed and "cosine" not in printed
-    assert np.load(tmp_path / "e.npy").shape == (17, 24)
+    with torch.no_grad():  # encoded 5 at a time: each input's embedding is its own, whatever its batch
+        expected = built()({"vision": load_and_transform_vision_data(images, image_size=56)})["vision"]
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "e.npy")), expected, rtol=0, atol=1e-5)
 
 
 def test_heads_go_to_first_before_the_counts_change(tmp_path, capsys):

@@ -108,3 +108,23 @@ def test_the_built_in_story_is_the_one_demo_runs():
     story = demo.installed_story()
     assert story is not None and story.path == "demo study" and story.plugin == "imagebind_llm"
 
+
+
+def test_walkthrough_checks_compare_every_tensor_bit_for_bit(capsys):
+    import torch
+
+    from surgery.cli.walkthrough import Walkthrough
+
+    walk = Walkthrough()
+    x = torch.arange(6.0).reshape(2, 3)
+    assert walk.check("same", {"a": [x, (x + 1,)]}, {"a": [x.clone(), (x + 1,)]})
+    one_ulp = x.clone()
+    one_ulp[1, 2] = torch.nextafter(x[1, 2], torch.tensor(10.0))  # the next float32 after 5
+    assert not walk.check("one value", (x,), (one_ulp,))
+    assert not walk.check("one tensor fewer", (x, x), (x,))
+    assert not walk.check("dtype", (x,), (x.double(),))
+    assert not walk.check("shape", (x,), (x.reshape(3, 2),))
+    assert walk.finish() == 1
+    out = capsys.readouterr().out
+    assert "    same: bit-exact" in out and out.count(": MISMATCH") == 4
+    assert out.rstrip().endswith("4 check(s) failed: one value; one tensor fewer; dtype; shape")

@@ -130,7 +130,7 @@ def llama_adapter(walk: Walkthrough, cast: Cast, max_new: int) -> None:
     again = generate(model, image, prompt, max_new)
     print(again.line(f"query_len={released}"))
     walk.check(f"visual queries and answer equal the first run's at query_len={released}",
-               (again.visual, again.ids), (first.visual, first.ids))
+               (again.visual, torch.tensor(again.ids)), (first.visual, torch.tensor(first.ids)))
 
 
 def adapter_text(model: Any) -> str:

@@ -35,7 +35,7 @@ def cannot_be_walked(name: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "timm/test_vit2"])  # and a name a plugin resolves (slash included)
 def test_every_registered_model_runs_the_demo_or_is_refused_in_one_line(capsys, name):
     code, out, err = run_cli(capsys, "demo", "--model", name)
     assert "Traceback" not in out + err

@@ -167,7 +167,8 @@ def check_guarantees(walk: Walkthrough, model: Any, change: Change, back: Change
 
 def checkpoint_name(model_name: str, change: Change, out: str | None) -> str:
     """The demo checkpoint's file name; a usage error, before any work, when --out holds it already."""
-    name = f"{model_name}_{'_'.join(f'{n}{c}' for n, c in change.counts.items())}.safetensors"
+    stem = model_name.replace("/", "_")  # a resolved name such as timm/<arch> is not a folder
+    name = f"{stem}_{'_'.join(f'{n}{c}' for n, c in change.counts.items())}.safetensors"
     if out and os.path.exists(os.path.join(out, name)):
         raise UsageError(f"{os.path.join(out, name)!r} already exists; remove it or choose another --out")
     return name

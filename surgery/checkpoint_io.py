@@ -2,6 +2,7 @@
 
     state_dict, metadata = read_checkpoint("model.safetensors")   # or a .pth/.pt/.bin: weights only
     write_atomically(path, lambda tmp: torch.save(payload, tmp))  # complete at `path`, or not there
+    write_folder_atomically(out, model.save_pretrained)           # a folder: the same, renamed whole
 
 Plugins that read released layouts use this rather than `torch.load`, so every file is read the same
 safe way (a pickle that would build objects is an `UnsafeCheckpointError`), every broken file gives
@@ -15,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -108,6 +110,73 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
             pass
         if isinstance(exc, Exception) and not isinstance(exc, SurgeryError):  # disk full, permissions, ...
             raise CheckpointError(f"cannot save to {path}: {type(exc).__name__}: {exc}") from exc
+        raise
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, marker: str | None = None) -> Path:
+    """Refuse to write a folder anywhere but a new name in an existing folder, or over a folder that
+    holds only regular files (a model folder; with `marker`, one holding that file: what the writer
+    writes, such as a Hugging Face folder's config.json). A folder of folders (a home, a project),
+    a symlink or a file is never replaced by a folder."""
+    path = as_path(path)
+    if not os.path.lexists(path):
+        if not path.parent.is_dir():
+            raise CheckpointError(f"cannot write folder {path}: folder {path.parent} does not exist")
+        return path
+    if path.is_symlink() or not path.is_dir():
+        kind = "a symbolic link" if path.is_symlink() else "not a folder"
+        raise CheckpointError(f"cannot write folder {path}: it is {kind}; a folder replaces only a folder")
+    try:
+        entries = list(os.scandir(path))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write folder {path}: {exc}") from exc
+    others = sorted(e.name for e in entries if not e.is_file(follow_symlinks=False))
+    if others:
+        raise CheckpointError(f"cannot replace folder {path}: it holds {listing(others)}, which "
+                              f"{'is' if len(others) == 1 else 'are'} not regular files; only a folder of "
+                              f"files (a model folder) is replaced")
+    if marker is not None and marker not in {e.name for e in entries}:
+        raise CheckpointError(f"cannot replace folder {path}: it has no {marker}, so it is not a folder this "
+                              f"writer wrote; remove it or choose another name")
+    return path
+
+
+def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], None],
+                            marker: str | None = None) -> Path:
+    """`write(tmp)` a folder next to `path`, flush its files to disk, then rename it to `path`;
+    returns `path`.
+
+    An existing `path` must be one `check_output_folder` allows replacing; it is moved aside,
+    the new folder renamed into place, then the old one removed (moved back if the rename fails).
+    On any failure the temporary folder is removed and `path` is untouched; an error that is not
+    a SurgeryError becomes a CheckpointError.
+    """
+    path = check_output_folder(path, marker)
+    tmp = path.with_name(f".surgery-{uuid.uuid4().hex[:16]}.tmp")
+    try:
+        os.mkdir(tmp)
+        write(tmp)
+        for entry in os.scandir(tmp):
+            if entry.is_file(follow_symlinks=False):
+                with open(entry.path, "rb+") as f:
+                    os.fsync(f.fileno())
+        check_output_folder(path, marker)  # still what it was when the writing began
+        if os.path.lexists(path):
+            old = path.with_name(f".surgery-{uuid.uuid4().hex[:16]}.old")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, SurgeryError):  # disk full, permissions, ...
+            raise CheckpointError(f"cannot write folder {path}: {type(exc).__name__}: {exc}") from exc
         raise
     return path
 
@@ -219,4 +288,5 @@ def _unwrap(obj: Any, path: Path) -> Mapping:
 
 
 __all__ = ["META_KEY", "LIST_CAP", "listing", "natural_key", "as_path", "check_output_path", "write_atomically",
-           "read_checkpoint", "read_torch", "tensors_only", "module_paths", "tensor_key"]
+           "check_output_folder", "write_folder_atomically", "read_checkpoint", "read_torch", "tensors_only",
+           "module_paths", "tensor_key"]

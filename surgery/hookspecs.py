@@ -179,6 +179,13 @@ def surgery_checkpoint_layout(path: Any, state_dict: Any) -> Any | None:
     Recognise by what is there (key names, shapes, file names), cheaply; return None for anything
     else. A file of this layout that is broken (a missing key) raises a `CheckpointError` naming
     what is missing. Never import, open or download anything a file names.
+
+    The Layout names the registered model that fits (`model`, `model_kwargs`), or builds its
+    model itself (`build`, for an architecture no registered model has: a Hugging Face folder's
+    class, chosen by the plugin's code from config.json's model_type); `save` writes a model back
+    in the layout (`surgery resize` of a partial file or a folder). A model built to read the
+    layout (key names) is built with `surgery.model_source.build_on_meta(..., justified_by=tensors)`,
+    so a hostile file's sizes allocate nothing.
     """
 
 

@@ -42,8 +42,16 @@ class Layout:
     weights (an adapter without its language model), so loading it leaves the other tensors as
     they are; `options` are model options (`surgery.options`) the layout implies. `save(model,
     path)`, when given, writes a model back in this layout (a partial one: only the file's keys),
-    which `surgery resize` does for a partial file; it raises a `CheckpointError` for a path it
-    cannot write (say, a suffix of another format) before writing anything.
+    which `surgery resize` does for a partial file and for a folder; it raises a `CheckpointError`
+    for a path it cannot write (say, a suffix of another format) before writing anything, and
+    writes atomically (`surgery.checkpoint_io.write_atomically`, `write_folder_atomically`).
+
+    `build()`, when given and `model` is None, builds the model itself with random weights: the
+    plugin's own code, for a layout whose architecture no registered model has (a Hugging Face
+    folder: the class the plugin chooses, among those it supports, from config.json's
+    model_type, at config.json's sizes). It must build on the current default device: the core
+    runs it on the meta device first and refuses a model larger than the tensors justify
+    (`surgery.model_source.build_on_meta`), then runs it for real and loads the tensors.
     """
 
     name: str
@@ -53,6 +61,7 @@ class Layout:
     partial: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     save: Callable[[Any, Path], None] | None = None
+    build: Callable[[], Any] | None = None
     plugin: str = ""  # filled in by the core: which plugin recognised it
 
 
@@ -95,7 +104,9 @@ def read_any(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
         layout = recognise(path, None)
         if layout is None:
             raise CheckpointError(f"checkpoint {path} is a folder, not a file, and no plugin recognises its layout "
-                                  f"(a Hugging Face model folder needs the transformers plugin; see `surgery plugins`)")
+                                  f"(a Hugging Face model folder needs a plugin that supports its config.json's "
+                                  f"model_type, such as the transformers plugin: docs/transformers.md lists them; "
+                                  f"see `surgery plugins`)")
         return layout.state_dict, {}, layout
     state_dict, metadata = read_checkpoint(path)
     if metadata.get(META_KEY):

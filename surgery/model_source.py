@@ -29,13 +29,26 @@ wrote the file, so it chooses no code and opens nothing:
 A model named by the user (`--model NAME` different from the file's) is built with no keyword
 arguments from the file and without the size limit: the user chose it. Released weights are only
 ever loaded when the user asks (`--pretrained`), never because a file names a model.
+
+A layout a plugin recognised may build its model itself (`Layout.build`: a Hugging Face folder's
+class, chosen by the plugin from config.json's model_type). config.json's numbers then size the
+model, so `build_on_meta` counts it while it is built on the meta device and stops the build as
+soon as it holds more than the file's elements plus `SIZE_MARGIN`, or more modules than
+`MODULES_PER_TENSOR` per file tensor plus `MODULE_MARGIN`: a config claiming a million layers
+costs what the first few cost. `allowing_large()` lifts both limits for everything opened inside
+it (the CLI's `--allow-large`), the plugin's own sizing of the folder included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -49,6 +62,10 @@ from .plugins import PLUGIN_FAILURES, ModelSpec, describe_error, get_host
 # another count, non-persistent buffers (RoPE tables), a registered model's small extras.
 # 2**24 elements is 64 MiB in float32.
 SIZE_MARGIN = 1 << 24
+# Modules a model built from a file's metadata may have: the supported models have about one per
+# tensor (containers, activations and dropouts have none); a margin for heads and extras.
+MODULES_PER_TENSOR = 4
+MODULE_MARGIN = 1024
 MAX_DEPTH = 4  # nesting of a metadata keyword argument's value (ImageBind's counts: one mapping)
 
 
@@ -112,7 +129,7 @@ def model_for_checkpoint(entry: Mapping[str, Any], state_dict: Mapping[str, torc
                               f"pass --model NAME (known models: {known})")
     spec = get_host().model_spec(name)
     kwargs = checked_kwargs(spec, entry.get("model_kwargs"), where) if name == recorded else {}
-    if (origin == "checkpoint metadata" or kwargs) and not allow_large:
+    if (origin == "checkpoint metadata" or kwargs) and not (allow_large or large_allowed()):
         justified = sum(t.numel() for t in state_dict.values())
         size = size_on_meta(spec, kwargs)
         if size > justified + SIZE_MARGIN:
@@ -166,6 +183,32 @@ def model_for_partial_layout(layout: Any, *, model_name: str | None = None,
     return model, name, origin
 
 
+def model_for_built_layout(layout: Any, *, allow_large: bool = False, where: str = "the checkpoint") -> nn.Module:
+    """The model a layout's plugin builds itself (`Layout.build`: a Hugging Face folder's class, from
+    its config.json), random weights, for the layout's tensors to be loaded into.
+
+    The plugin's build is first run on the meta device, sized against the layout's tensors
+    (`build_on_meta`: stopped once larger than they justify, unless `allow_large`), then for real.
+    """
+    what = f"the model plugin {layout.plugin!r} builds for this {layout.name}"
+
+    def failed(exc: BaseException) -> SurgeryError:
+        return ModelConfigError(f"{where}: plugin {layout.plugin!r} cannot build its model: "
+                                f"{describe_error(exc).splitlines()[0]}")
+
+    with allowing_large(allow_large or large_allowed()):
+        build_on_meta(layout.build, what, justified_by=layout.state_dict, where=where, failed=failed)
+    try:
+        model = layout.build()
+    except SurgeryError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise failed(exc) from exc
+    if not isinstance(model, nn.Module):
+        raise ModelConfigError(f"{what} is a {type(model).__name__}, not a torch module")
+    return model
+
+
 def checked_kwargs(spec: ModelSpec, kwargs: Any, where: str) -> dict[str, Any]:
     """The metadata's keyword arguments for `spec`, refused unless each is declared safe and plain data."""
     if kwargs is None:
@@ -192,21 +235,160 @@ def size_on_meta(spec: ModelSpec, kwargs: Mapping[str, Any]) -> int:
     `kwargs`, counted on the meta device: nothing is allocated. A factory that ignores the
     default device (builds on the CPU regardless) is refused, as its size cannot be counted
     without building it."""
+    def failed(exc: BaseException) -> SurgeryError:
+        return ModelConfigError(_factory_failed(spec, kwargs, exc) + " (while counting its size on the meta "
+                                "device; --allow-large builds it without counting)")
+
+    model = build_on_meta(lambda: spec.factory(**kwargs), f"the factory of model {spec.name!r} (plugin "
+                          f"{spec.plugin!r})", failed=failed)
+    return sum(t.numel() for t in _tensors(model))
+
+
+# -- building on the meta device, within what a file justifies ---------------------------------------
+
+_LARGE_ALLOWED: ContextVar[bool] = ContextVar("surgery_large_allowed", default=False)
+
+
+@contextlib.contextmanager
+def allowing_large(allow: bool = True) -> Iterator[None]:
+    """Within this block (this thread or task), models built from a file's metadata are not limited
+    to what its tensors justify: what `--allow-large` (allow_large=True) means for a file the user
+    trusts, for every size check made while opening it, a plugin's included."""
+    token = _LARGE_ALLOWED.set(allow)
     try:
-        with torch.device("meta"):
-            model = spec.factory(**kwargs)
+        yield
+    finally:
+        _LARGE_ALLOWED.reset(token)
+
+
+def large_allowed() -> bool:
+    """Whether the current block allows models larger than their file justifies (`allowing_large`)."""
+    return _LARGE_ALLOWED.get()
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """What a file's tensors justify building: `elements` (parameters and buffers) and `modules`."""
+
+    tensors: int  # how many tensors the file holds
+    justified: int  # their elements
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> SizeLimit:
+        return cls(len(state_dict), sum(t.numel() for t in state_dict.values()))
+
+    @property
+    def elements(self) -> int:
+        return self.justified + SIZE_MARGIN
+
+    @property
+    def modules(self) -> int:
+        return MODULES_PER_TENSOR * self.tensors + MODULE_MARGIN
+
+
+def build_on_meta(factory: Callable[[], Any], what: str, *, justified_by: Mapping[str, torch.Tensor] | None = None,
+                  where: str = "the checkpoint",
+                  failed: Callable[[BaseException], SurgeryError] | None = None) -> nn.Module:
+    """`factory()` built on the meta device, which allocates no tensor: shapes without values.
+
+    With `justified_by` (a file's tensors) and outside `allowing_large()`, the build is watched
+    as it goes (torch's module registration hooks) and stopped as soon as the model holds more
+    elements or modules than the file justifies (`SizeLimit`): a `CheckpointError` naming `what`
+    and `where`, with nothing allocated and the rest never built. A factory that builds anywhere
+    but the meta device is refused (its size cannot be counted without allocating it). An error
+    of the factory's own is raised as it is, or as `failed(exc)` when given.
+    """
+    limit = SizeLimit.of(justified_by) if justified_by is not None and not large_allowed() else None
+    tally = _Tally(limit) if limit is not None else None
+    try:
+        with torch.device("meta"), (tally if tally is not None else contextlib.nullcontext()):
+            model = factory()
     except PLUGIN_FAILURES as exc:
-        raise ModelConfigError(_factory_failed(spec, kwargs, exc) + " (while counting its size on the meta "
-                               "device; --allow-large builds it without counting)") from exc
+        if tally is not None and tally.exceeded:
+            raise CheckpointError(_too_large(what, where, tally.exceeded, limit)) from None
+        if failed is None:
+            raise
+        raise failed(exc) from exc
+    if tally is not None and tally.exceeded:  # the factory caught the refusal and went on
+        raise CheckpointError(_too_large(what, where, tally.exceeded, limit))
     if not isinstance(model, nn.Module):
-        raise ModelConfigError(f"the factory of model {spec.name!r} (plugin {spec.plugin!r}) returned a "
-                               f"{type(model).__name__}, not a torch module")
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+        raise ModelConfigError(f"{what} returned a {type(model).__name__}, not a torch module")
+    tensors = _tensors(model)
     if any(t.device.type != "meta" for t in tensors):
-        raise CheckpointError(f"the factory of model {spec.name!r} (plugin {spec.plugin!r}) does not build on the "
-                              f"default device, so its size cannot be counted without allocating it; pass "
-                              f"--allow-large (allow_large=True) to build it anyway")
-    return sum(t.numel() for t in tensors)
+        raise CheckpointError(f"{what} does not build on the default device, so its size cannot be counted "
+                              f"without allocating it; pass --allow-large (allow_large=True) to build it anyway")
+    if limit is not None:  # the built model itself, exactly (the tally counted registrations)
+        if sum(t.numel() for t in tensors) > limit.elements:
+            raise CheckpointError(_too_large(what, where, "elements", limit))
+        if sum(1 for _ in model.modules()) > limit.modules:
+            raise CheckpointError(_too_large(what, where, "modules", limit))
+    return model
+
+
+class _Tally:
+    """Counts the tensors and modules registered on this thread while a model is built, and stops the
+    build (raises from the registration) once either passes its limit. A tensor registered twice (a
+    tied weight) counts once; one replaced and freed stops counting (weak references)."""
+
+    class Exceeded(Exception):
+        pass
+
+    def __init__(self, limit: SizeLimit) -> None:
+        self.limit, self.thread = limit, threading.get_ident()
+        self.tensors: dict[int, tuple[weakref.ref, int]] = {}
+        self.elements = self.modules = 0
+        self.exceeded = ""  # "elements" or "modules" once a limit was passed
+
+    def __enter__(self) -> _Tally:
+        from torch.nn.modules import module as hooks
+
+        self.handles = [hooks.register_module_parameter_registration_hook(self._tensor),
+                        hooks.register_module_buffer_registration_hook(self._tensor),
+                        hooks.register_module_module_registration_hook(self._module)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _tensor(self, module: nn.Module, name: str, tensor: Any) -> None:
+        if threading.get_ident() != self.thread or not isinstance(tensor, torch.Tensor):
+            return
+        seen = self.tensors.get(id(tensor))
+        if seen is None or seen[0]() is not tensor:
+            self.tensors[id(tensor)] = (weakref.ref(tensor), tensor.numel())
+            self.elements += tensor.numel()
+        if self.elements > self.limit.elements:  # recount the live ones: replaced tensors were freed
+            self.tensors = {k: v for k, v in self.tensors.items() if v[0]() is not None}
+            self.elements = sum(n for _, n in self.tensors.values())
+            self._check(self.elements > self.limit.elements, "elements")
+        self._check(bool(self.exceeded), self.exceeded)
+
+    def _module(self, parent: nn.Module, name: str, module: Any) -> None:
+        if threading.get_ident() == self.thread and isinstance(module, nn.Module):
+            self.modules += 1
+            self._check(self.modules > self.limit.modules or bool(self.exceeded), self.exceeded or "modules")
+
+    def _check(self, over: bool, what: str) -> None:
+        if over:
+            self.exceeded = what
+            raise self.Exceeded(what)
+
+
+def _too_large(what: str, where: str, exceeded: str, limit: SizeLimit) -> str:
+    if exceeded == "modules":
+        size = (f"more than {limit.modules:,} modules: {MODULES_PER_TENSOR} per tensor of the file "
+                f"({limit.tensors:,}) plus {MODULE_MARGIN:,}")
+    else:
+        size = (f"more than {limit.elements:,} elements: the file's tensors ({limit.justified:,}) plus a margin "
+                f"of {SIZE_MARGIN:,}")
+    return (f"{where} asks for {what}, which holds {size}; it was not built (counted on the meta device, nothing "
+            f"allocated). If you trust the file, pass --allow-large (allow_large=True)")
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and buffers, each tensor once."""
+    return list({id(t): t for t in (*model.parameters(), *model.buffers())}.values())
 
 
 def _factory_failed(spec: ModelSpec, kwargs: Mapping[str, Any], exc: BaseException) -> str:

@@ -5,6 +5,9 @@
     surgery.resize(model, num_register_tokens=8)
     model.save_pretrained("resized")                   # transformers' own: the config follows the count
 
+    surgery inspect dinov2-reg-folder                  # the same, from the command line: the layout
+    surgery resize dinov2-reg-folder --set num_register_tokens=8 -o resized   # builds and saves it
+
 `config.json` is read as data. Its `model_type` must be one this plugin supports, and the class
 is the one its `architectures` names only when that name is in this plugin's table for that
 type (else the type's base model): nothing the file names is imported, no remote code is ever
@@ -12,7 +15,13 @@ trusted. The weights are read with safetensors (a sharded folder's index may nam
 `.safetensors` files in the folder itself). transformers keeps checkpoints under their released
 key names (`attention.attention.query`), which its loader renames to the modules' names
 (`attention.q_proj`); the layout applies the same renaming, from transformers' own conversion
-table for the class, so the keys are the model's.
+table for the class, so the keys are the model's. The layout builds its model itself (`build`:
+no registered model has a folder's sizes) and writes one back as a folder (`save`: transformers'
+`save_pretrained`, into a temporary folder renamed into place). config.json's sizes are data too:
+its layer counts and other numbers are checked against the weights before transformers reads them
+(`check_config_sizes`), and the models built from it (the key-name skeleton here, the model the
+core builds) are built on the meta device first and stopped once larger than the folder's tensors
+justify (`surgery.model_source.build_on_meta`).
 
 A PEFT prompt- or prefix-tuning adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
 the one tensor `prompt_embeddings`) is a partial checkpoint: its rows go to the `default`
@@ -24,19 +33,22 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from surgery.checkpoint import read_checkpoint
-from surgery.errors import CheckpointError
+from surgery.checkpoint_io import write_folder_atomically
+from surgery.errors import CheckpointError, short_repr
 from surgery.layouts import Layout
+from surgery.model_source import SIZE_MARGIN, SizeLimit, build_on_meta, large_allowed
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAX_JSON_BYTES = 16 << 20  # a config or a shard index; more is not one
 SHARD_NAME = re.compile(r"^[\w.-]+\.safetensors$")  # a file in the folder itself, nothing else
+LAYER_COUNT = re.compile(r"(layers|depths)$")  # config keys that count layers: num_hidden_layers, depths
 
 # model_type -> the classes a folder of that type may be built as (the first: when `architectures`
 # names none of them). Names are looked up in this table only, then taken from `transformers`.
@@ -94,13 +106,28 @@ def model_config(config: dict, cls: type) -> Any:
                               f"{type(exc).__name__}: {exc}") from exc
 
 
+def builder(config: dict, cls: type) -> Callable[[], nn.Module]:
+    """A function building `cls` from config.json's data, random weights, eval mode, on the current
+    default device (each call with a config of its own: a resize changes the model's)."""
+    return lambda: cls(model_config(config, cls)).eval()
+
+
 def model_from_folder(folder: str | Path) -> nn.Module:
     """The model a Hugging Face folder holds, built from its config.json with random weights (eval
     mode), on the current default device; `surgery.load(folder, model)` then gives it the weights."""
     folder = Path(folder)
     config = _json(folder / CONFIG)
-    cls = model_class(config, folder / CONFIG)
-    return cls(model_config(config, cls)).eval()
+    return builder(config, model_class(config, folder / CONFIG))()
+
+
+def save_folder(model: nn.Module, path: Path) -> None:
+    """Write `model` as a Hugging Face folder at `path` (transformers' `save_pretrained`: the
+    config at the model's counts), atomically; an existing folder is replaced only when it is
+    a folder of files with a config.json."""
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise CheckpointError(f"cannot write {path} as a Hugging Face folder: a {type(model).__name__} has no "
+                              f"save_pretrained (not a transformers model)")
+    write_folder_atomically(path, lambda tmp: model.save_pretrained(tmp), marker=CONFIG)
 
 
 # -- reading the weights ----------------------------------------------------------------------------
@@ -158,20 +185,53 @@ def model_keys(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return renamed
 
 
+def check_config_sizes(config: dict, state_dict: dict[str, torch.Tensor], where: Path) -> None:
+    """config.json's numbers against the folder's weights, before transformers reads them: its config
+    classes already work in proportion to a layer count (DINOv2's stage names), before any module
+    exists. A layer count (a key ending in `layers` or `depths`, in any sub-config) is at most the
+    tensors the weights hold, as every layer has weights; any other integer at most the elements
+    they justify (`SizeLimit`). Within `allowing_large()` (--allow-large) neither is checked."""
+    if large_allowed():
+        return
+    limit = SizeLimit.of(state_dict)
+    trust = "nothing was built. If you trust the file, pass --allow-large (allow_large=True)"
+    stack: list[tuple[str, Any]] = [("", config)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        numbers = [n for n in numbers if isinstance(n, int) and not isinstance(n, bool)]
+        if LAYER_COUNT.search(path) and (sum(numbers) > limit.tensors or len(numbers) > limit.tensors):
+            raise CheckpointError(f"{where}: {path}={short_repr(value)} asks for more layers than the folder's "
+                                  f"weights have tensors ({limit.tensors:,}); {trust}")
+        big = next((n for n in numbers if n > limit.elements), None)
+        if big is not None:
+            raise CheckpointError(f"{where}: {path} holds {big:,}, more than the folder's weights justify (their "
+                                  f"{limit.justified:,} elements plus a margin of {SIZE_MARGIN:,}); {trust}")
+        if isinstance(value, list):
+            stack.extend((path, v) for v in value if isinstance(v, (dict, list)))
+
+
 def model_layout(folder: Path) -> Layout:
     config = _json(folder / CONFIG)
     cls = model_class(config, folder / CONFIG)
-    hf_config = model_config(config, cls)
+    build = builder(config, cls)
     state_dict = _read_weights(folder)
-    with torch.device("meta"):  # only for its key names: allocates nothing
-        skeleton = cls(hf_config)
+    check_config_sizes(config, state_dict, folder / CONFIG)
+    # only for its key names, on the meta device: stopped once larger than the weights justify
+    skeleton = build_on_meta(build, f"a {cls.__name__} as its config.json describes", justified_by=state_dict,
+                             where=f"Hugging Face folder {folder}", failed=lambda exc: CheckpointError(
+                                 f"{folder / CONFIG} does not build a {cls.__name__}: {type(exc).__name__}: {exc}"))
     names = model_keys(skeleton, list(state_dict))
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if names[key] in renamed:
             raise CheckpointError(f"{folder}: two tensors are renamed to {names[key]!r}")
         renamed[names[key]] = tensor
-    return Layout(f"Hugging Face {config['model_type']} folder ({cls.__name__})", renamed)
+    return Layout(f"Hugging Face {config['model_type']} folder ({cls.__name__})", renamed, build=build,
+                  save=save_folder)
 
 
 def adapter_layout(folder: Path) -> Layout | None:

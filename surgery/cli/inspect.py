@@ -21,8 +21,9 @@ from .format import counts_text, format_sites, print_lines, recipe_lines, site_d
 DESCRIPTION = (
     "Show the backbone, token sites, counts, constraints and the tensors each site owns.\n"
     "TARGET is a registered model name (see 'surgery models'), a name a plugin resolves\n"
-    "(any timm ViT: timm/<name> or its plain timm name), or a checkpoint file\n"
-    "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model).\n"
+    "(any timm ViT: timm/<name> or its plain timm name), a checkpoint file\n"
+    "(.safetensors saved by surgery.save, or a plain state-dict .pth with --model),\n"
+    "or a folder a plugin recognises (a Hugging Face model folder: config.json + model.safetensors).\n"
     "A model name is built with random weights, or with --pretrained its released weights.")
 
 
@@ -31,7 +32,7 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="TARGET", help="checkpoint file or model name")
+    p.add_argument("target", metavar="TARGET", help="checkpoint file or folder, or model name")
     add_model_option(p)
     add_allow_large_flag(p)
     add_pretrained_flag(p)
@@ -67,16 +68,37 @@ def open_file(path: str, model_name: str | None, allow_large: bool = False) -> O
     (`surgery.model_source`). `surgery.load` resizes the fresh model to the file's counts before
     loading, so any count the file has is fine. A partial layout (an adapter without its LLaMA)
     gets its model on the meta device, only the file's tensors real (`model_for_partial_layout`).
+    A layout whose plugin builds the model itself (`Layout.build`: a Hugging Face folder) gets that
+    model, sized against the file's tensors first (`model_for_built_layout`). `allow_large` covers
+    every size check made while opening, the plugin's own included (`allowing_large`).
     """
+    from surgery.model_source import allowing_large
+
+    with allowing_large(allow_large):
+        return _open_file(path, model_name, allow_large)
+
+
+def _open_file(path: str, model_name: str | None, allow_large: bool) -> Opened:
     import surgery
     from surgery.layouts import read_any
-    from surgery.model_source import layout_model, model_for_checkpoint, model_for_partial_layout
+    from surgery.model_source import (
+        layout_model,
+        model_for_built_layout,
+        model_for_checkpoint,
+        model_for_partial_layout,
+    )
 
     where = f"checkpoint {path!r}"
     state_dict, metadata, layout = read_any(path)  # refuses a missing, unsafe, corrupt or broken file
     if layout is not None and layout.partial:
         model, name, source = model_for_partial_layout(layout, model_name=model_name, where=where)
         return Opened(model, metadata, name, source, layout)
+    if layout is not None and layout.build is not None and not layout.model and not model_name:
+        model = model_for_built_layout(layout, allow_large=allow_large, where=where)
+        layout.state_dict = {}  # only its sizes were needed; `load` reads the folder again
+        del state_dict
+        surgery.load(path, model)
+        return Opened(model, metadata, type(model).__name__, "the file's layout", layout)
     entry = metadata.get("surgery") or {}
     if layout is not None and not entry and not model_name:  # the layout names the model, as metadata would
         layout_model(layout, None, where)  # no registered model fits: the error asks for --model
@@ -144,9 +166,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     target = args.target
     info: dict[str, Any] = {"target": target}
-    if os.path.isfile(target):
+    if os.path.isfile(target) or os.path.isdir(target):  # a folder: a layout a plugin must recognise
         if args.pretrained:
-            raise UsageError("--pretrained is for a model name; TARGET is a checkpoint file, whose weights are loaded")
+            raise UsageError("--pretrained is for a model name; TARGET is a checkpoint, whose weights are loaded")
         opened = open_file(target, args.model, args.allow_large)
         model, source = opened.model, f"{opened.name} (named by {opened.origin})"
         info.update(kind="checkpoint", model=opened.name, metadata=opened.metadata)

@@ -5,6 +5,9 @@ written, and `surgery.save` writes OUT atomically, so a failure leaves no file h
 A partial file of a released layout (a LLaMA-Adapter adapter, ImageBind-LLM's 7B.pth) is written
 back in its own layout by its plugin (`Layout.save`, atomic too), holding the file's keys only,
 at the new counts: what upstream's loader reads. Sites whose tensors it does not hold are refused.
+A folder a plugin recognises (a Hugging Face model folder) is written back as a folder by its
+plugin (`Layout.save`: transformers' save_pretrained, so from_pretrained opens it at the new
+counts), into a temporary folder renamed to OUT at the end; OUT inside CKPT or around it is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from surgery.commands import UsageError
 
 from .arguments import add_allow_large_flag, add_pretrained_flag, add_set_option, requested_counts
 from .format import counts_text, format_shape_changes, print_lines, state_shapes
-from .inspect import add_model_option, layout_text, open_file
+from .inspect import CHECKPOINT_SUFFIXES, add_model_option, layout_text, open_file
 
 # Kept in words here so that `--help` needs no torch; `check_strategies` validates against
 # `surgery.strategies` itself, so a name listed here that no longer exists is still refused.
@@ -29,24 +32,28 @@ DESCRIPTION = (
     "Build the checkpoint's model, load CKPT (resized to its counts), set new counts and\n"
     "save the result to OUT with surgery.save. CKPT is never written. Instead of CKPT,\n"
     "--model NAME --pretrained starts from the model's released weights on this machine\n"
-    "(timm models: the Hugging Face cache; nothing is downloaded).\n\n"
-    "example: surgery resize vit.safetensors --set reg_tokens=4 --init normal -o vit_reg4.safetensors")
+    "(timm models: the Hugging Face cache; nothing is downloaded). CKPT may be a folder a\n"
+    "plugin recognises (a Hugging Face model folder): OUT is then a folder of the same layout.\n\n"
+    "example: surgery resize vit.safetensors --set reg_tokens=4 --init normal -o vit_reg4.safetensors\n"
+    "         surgery resize dinov2-folder --set num_register_tokens=8 -o dinov2-reg8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", nargs="?",
-                   help="input checkpoint (.safetensors or .pth); none with --model NAME --pretrained")
+                   help="input checkpoint (.safetensors or .pth, or a Hugging Face model folder); none with "
+                        "--model NAME --pretrained")
     add_set_option(p, required=True)
     p.add_argument("-o", "--out", required=True, metavar="OUT",
                    help="output .safetensors file (never CKPT); for a partial released file (an adapter "
-                        "checkpoint, 7B.pth), a file of the same layout")
+                        "checkpoint, 7B.pth), a file of the same layout; for a folder, a folder")
     p.add_argument("--init", default="restore", metavar="STRATEGY", help=f"how new tokens are made: {GROWTH_HELP}")
     p.add_argument("--shrink", default="truncate", metavar="STRATEGY", help=f"how tokens are removed: {SHRINK_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the 'normal' init (default 0; recorded in the recipe)")
     add_model_option(p)
     add_allow_large_flag(p)
     add_pretrained_flag(p)
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists (a regular file only)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (a regular file only; for a folder, a folder of files)")
 
 
 def check_strategies(init: str, shrink: str) -> None:
@@ -69,6 +76,30 @@ def existing_file(path: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path!r} is not a file")
     return path
+
+
+def existing_checkpoint(path: str) -> str:
+    """`path` is a file or a folder (a folder's layout is for a plugin to recognise)."""
+    return path if os.path.isdir(path) else existing_file(path)
+
+
+def check_folder_output(src: str, out: str, force: bool) -> None:
+    """OUT of a folder CKPT is a new folder beside it: never CKPT, inside it or around it, and an
+    existing one only with --force (and only a folder of files: `check_output_folder`)."""
+    from surgery.checkpoint_io import check_output_folder
+
+    suffix = os.path.splitext(out)[1]
+    if suffix in CHECKPOINT_SUFFIXES:
+        raise UsageError(f"-o {out!r}: CKPT is a folder, written back as a folder of its layout; give OUT a folder "
+                         f"name, not a {suffix} file name")
+    src_real, out_real = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([src_real, out_real]) in (src_real, out_real):
+        where = "is the input folder" if src_real == out_real else (
+            "is inside the input folder" if out_real.startswith(src_real + os.sep) else "holds the input folder")
+        raise UsageError(f"-o {out!r} {where}; resize never writes its input, choose a folder beside it")
+    if os.path.lexists(out) and not force:
+        raise UsageError(f"{out!r} already exists; pass --force to replace it")
+    check_output_folder(out)
 
 
 def same_file(a: str, b: str) -> bool:
@@ -116,14 +147,18 @@ def cmd_resize(args: argparse.Namespace) -> int:
     if src is None and not args.pretrained:
         raise UsageError("give CKPT, or --model NAME --pretrained to start from the model's released weights")
     if src is not None:
-        existing_file(src)
-    if src is not None and same_file(src, out):
-        raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
-    if os.path.isdir(out):
-        raise UsageError(f"-o {out!r} is a directory; give a file name")
-    if os.path.lexists(out) and not args.force:
-        raise UsageError(f"{out!r} already exists; pass --force to replace it")
-    check_output_path(out)  # even with --force, only a regular file is replaced (no symlink, FIFO, device)
+        existing_checkpoint(src)
+    to_folder = src is not None and os.path.isdir(src)  # written back as a folder by its layout's plugin
+    if to_folder:
+        check_folder_output(src, out, args.force)
+    else:
+        if src is not None and same_file(src, out):
+            raise UsageError(f"-o {out!r} is the input checkpoint; resize never writes its input, choose another OUT")
+        if os.path.isdir(out):
+            raise UsageError(f"-o {out!r} is a directory; give a file name")
+        if os.path.lexists(out) and not args.force:
+            raise UsageError(f"{out!r} already exists; pass --force to replace it")
+        check_output_path(out)  # even with --force, only a regular file is replaced (no symlink, FIFO, device)
 
     if args.pretrained:
         model, src = pretrained_model(args.model)  # a CheckpointError saying where it looked, if not there
@@ -139,6 +174,11 @@ def cmd_resize(args: argparse.Namespace) -> int:
         print(f"layout: {layout_text(layout)}")
     if layout is not None and layout.partial:
         check_partial(model, layout, requested, src)
+    if to_folder and (layout is None or layout.save is None):
+        from surgery.errors import CheckpointError
+
+        raise CheckpointError(f"{src} is a {layout.name if layout else 'folder'} and its plugin cannot write that "
+                              f"layout back, so it cannot be resized into a folder")
     before = state_shapes(model)
     changes = surgery.resize(model, init=args.init, shrink=args.shrink, seed=args.seed, **requested)
     for site, (old, new) in changes.items():
@@ -149,8 +189,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     print_lines(format_shape_changes(before, state_shapes(model)))
     # The file's own metadata entries travel along; "surgery" is rewritten by save (new counts, recipe).
     kept = {k: v for k, v in metadata.items() if k != "surgery" and isinstance(v, str)}
-    if layout is not None and layout.partial:  # the file's own layout, its keys only (the plugin's writer)
-        layout.save(model, Path(out))  # atomic too
+    if layout is not None and (layout.partial or to_folder):  # the file's own layout (the plugin's writer)
+        layout.save(model, Path(out))  # atomic too; a partial file: its keys only
     else:
         surgery.save(model, out, metadata=kept)  # atomic: a temporary file renamed over OUT
     print(f"wrote {out}: {counts_text(surgery.counts(model))}")

@@ -60,16 +60,28 @@ def _tuple(value: Any, name: str) -> tuple:
     return items
 
 
+# Libraries whose version a result depends on, recorded when installed (read from their
+# metadata: nothing is imported, so a sweep of one backbone needs none of the others).
+RECORDED_LIBRARIES = ("timm", "transformers", "peft", "sentencepiece", "ray")
+
+
 def versions(executor: str) -> dict[str, Any]:
-    import timm
+    """token-surgery's, Python's and the installed libraries' versions, and each loaded plugin's."""
+    import importlib.metadata
+
     import torch
 
-    found = {"token-surgery": __version__, "torch": torch.__version__, "timm": timm.__version__,
-             "python": platform.python_version()}
-    if executor == "ray":
-        import ray
+    from surgery.plugins import get_host
 
-        found["ray"] = ray.__version__
+    found: dict[str, Any] = {"token-surgery": __version__, "python": platform.python_version(),
+                             "torch": torch.__version__}  # with its build tag (+cu130), which metadata drops
+    for library in RECORDED_LIBRARIES:
+        try:
+            found[library] = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            if library == "ray" and executor == "ray":
+                raise SweepError("--executor ray needs Ray: pip install 'token-surgery[ray]'") from None
+    found["plugins"] = {r.name: r.version for r in get_host().records.values() if r.active}
     return found
 
 

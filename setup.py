@@ -279,7 +279,7 @@ setup(
     extras_require={
         # ray and scikit-learn: CI runs the quick sweep (scikit-learn's digits) on a local two-worker Ray
         "dev": ["pytest>=8", "hypothesis>=6", "ray[default]>=2.9", "scikit-learn", "transformers>=4.40", "peft>=0.10",
-                "matplotlib", "tqdm"],
+                "matplotlib", "tqdm", "ruff>=0.5"],
         "plot": ["matplotlib", "tqdm"],  # benchmarks' and sweeps' PNG plots and progress bars (else skipped)
         "ray": ["ray[default]>=2.9"],  # surgery sweep --executor ray
         "knn": ["faiss-cpu"],  # ImageBind-LLM's optional kNN cache (a faiss index file the user gives)

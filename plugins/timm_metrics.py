@@ -52,7 +52,8 @@ def _split(evaluation, split: str) -> tuple[torch.Tensor, torch.Tensor, dict[int
     def make():
         records = evaluation.data.part(split)
         labels = torch.tensor(class_indices(evaluation.data, records, evaluation.model.num_classes))
-        return images(evaluation.model, records), labels.to(evaluation.device), {id(r): i for i, r in enumerate(records)}
+        rows = {id(r): i for i, r in enumerate(records)}
+        return images(evaluation.model, records), labels.to(evaluation.device), rows
     return evaluation.cached(("timm_vit", split), make)
 
 

@@ -117,7 +117,8 @@ def _collect(model: nn.Module, backbone: str) -> tuple[dict[str, Any], dict[str,
             problem = json_problem(value)
             if problem:
                 raise PluginError(f"plugin {plugin!r}: option {name!r} is not plain JSON ({problem})")
-            options[name], owners[name] = json.loads(json.dumps(value)), (plugin, part)  # a copy the model cannot change
+            # a copy the model cannot change
+            options[name], owners[name] = json.loads(json.dumps(value)), (plugin, part)
     return options, owners
 
 

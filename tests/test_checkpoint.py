@@ -49,7 +49,8 @@ def snapshot(model: nn.Module) -> dict:
         "counters": (model.num_prefix_tokens, getattr(model, "num_reg_tokens", None), model.has_class_token,
                      dict(model.__dict__.get("_model_args") or {})),
         "counts": surgery.counts(model),
-        "engine": (model_state(model).recipe, {k: tuple(c.values.clone() for c in v) for k, v in model_state(model).stash.items()}),
+        "engine": (model_state(model).recipe,
+                   {k: tuple(c.values.clone() for c in v) for k, v in model_state(model).stash.items()}),
     }
 
 

@@ -96,7 +96,8 @@ def test_twenty_thousand_steps_cost_one_resize(tmp_path, resizes):
 
 
 @pytest.mark.parametrize("steps, mentions", [
-    ([step("reg_tokens", 0, 5), step("reg_tokens", 3, 2)], "takes reg_tokens from 3, but the steps before leave it at 5"),
+    ([step("reg_tokens", 0, 5), step("reg_tokens", 3, 2)],
+     "takes reg_tokens from 3, but the steps before leave it at 5"),
     ([step("no_such_site", 0, 2)], "names site 'no_such_site'"),
     ([step("class_token", 1, 7), step("class_token", 7, 1), step("reg_tokens", 0, 2)], "class_token=7"),
 ], ids=["broken-chain", "unknown-site", "count-not-allowed"])

@@ -455,7 +455,8 @@ def test_bench_kernels_writes_rows_plots_and_a_summary(tmp_path, capsys):
 def test_bench_kernels_quick_grid_runs_every_backend(tmp_path, capsys):
     """The whole `--quick` grid, as documented (CI runs it so the benchmark never rots): every op
     and every CPU backend, each checked against the reference and timed."""
-    code, out, err = cli(capsys, "bench", "kernels", "--quick", "--threads", "1", "--no-progress", "--out", str(tmp_path))
+    code, out, err = cli(capsys, "bench", "kernels", "--quick", "--threads", "1", "--no-progress",
+                         "--out", str(tmp_path))
     assert code == 0, err
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     assert {r["op"] for r in rows} == {"query_concat", "adapter_add", "adapter_attention"}
@@ -487,7 +488,8 @@ def test_bench_kernels_refuses_a_backend_whose_output_is_wrong(tmp_path, capsys,
 
 def test_bench_surgery_quick(tmp_path, capsys):
     code, out, err = cli(capsys, "bench", "surgery", "--model", "llama_adapter_v2_7b", "--change", "query_len=64",
-                         "--change", "query_layer=8", "--quick", "--repeats", "2", "--no-progress", "--out", str(tmp_path))
+                         "--change", "query_layer=8", "--quick", "--repeats", "2", "--no-progress",
+                         "--out", str(tmp_path))
     assert code == 0, err
     rows = json.loads((tmp_path / "surgery_cost.json").read_text())["rows"]
     assert len(rows) == 10 and {r["site"] for r in rows} == {"query_len", "query_layer"}

@@ -100,8 +100,9 @@ def test_sub_models_of_sub_models(hosts, fresh_host):
     assert fresh_host.add_plugin(ShellPlugin(), "shell")
     model = Shell()
     found = surgery.sites(model)
-    assert {n: s.part for n, s in found.items()} == {"extra": "body", "prompts": "body.inner", "query_len": "body.inner",
-                                                     "query_layer": "body.inner", "memory": "body.inner"}
+    assert {n: s.part for n, s in found.items()} == {"extra": "body", "prompts": "body.inner",
+                                                     "query_len": "body.inner", "query_layer": "body.inner",
+                                                     "memory": "body.inner"}
     surgery.resize(model, query_layer=3, extra=0)
     assert model.body.inner.adapter_layers == [1, 2, 3] and model.body.extra.shape == (0, 8)
 
@@ -205,6 +206,7 @@ def test_bad_declarations_are_plugin_errors(fresh_host, declared, message):
 
 
 def test_a_site_name_shared_with_the_sub_model_is_a_conflict(fresh_host):
-    assert fresh_host.add_plugin(ToyPlugin(), "toy") and fresh_host.add_plugin(OuterPlugin(site_name="prompts"), "outer")
+    assert fresh_host.add_plugin(ToyPlugin(), "toy")
+    assert fresh_host.add_plugin(OuterPlugin(site_name="prompts"), "outer")
     with pytest.raises(PluginConflictError, match="site 'prompts' .* declared by both plugin 'outer' and plugin 'toy'"):
         surgery.sites(Outer())

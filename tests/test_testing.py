@@ -410,7 +410,8 @@ def test_inputs_written_for_one_count_fail_with_the_pattern():
 
     with plugin_host(("query", QueryPlugin())):
         with pytest.raises(AssertionError, match=r"forward failed inside tokens\(query_tokens=1\): ValueError: "
-                           r"the prompt has \[3, 3\] image tokens, the model 1 query tokens\n\(the kit makes the inputs once.*"
+                           r"the prompt has \[3, 3\] image tokens, the model 1 query tokens\n"
+                           r"\(the kit makes the inputs once.*"
                            r"reuses them at every count.*belongs in forward\(model, \*inputs\)"):
             check_conformance(QueryPromptNet, prompt_for_the_built_model)
 

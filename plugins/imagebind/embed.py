@@ -222,7 +222,7 @@ def summary_lines(model: nn.Module, inputs: dict[str, list[str]], embeddings: di
     lines = []
     for option, files in inputs.items():
         modality = INPUTS[option]
-        noun = ("text" if len(files) == 1 else "texts") if option == "text" else ("file" if len(files) == 1 else "files")
+        noun = ("text" if option == "text" else "file") + ("" if len(files) == 1 else "s")
         how = ""
         if modality in HEAD_MODALITIES:
             how = (f"  {modality} head: {model.head_mode(modality)}, {model.num_cls_tokens(modality)} CLS "

@@ -21,6 +21,9 @@ INPUTS = {"image": "vision", "video": "vision", "audio": "audio", "depth": "dept
 FORMATS = (".safetensors", ".npz", ".npy")  # what -o writes (see DESCRIPTION)
 COSINE_ROWS = 16  # the cosine-similarity matrix is printed up to this many inputs in all
 
+# printed on one line: tests/plugins/imagebind/test_embed_cli.py runs it as written
+EXAMPLE = ("surgery embed --model imagebind_tiny_test --image teal.png --set num_cls_tokens.vision=2 --head-mode all "
+           "-o emb.safetensors")
 DESCRIPTION = f"""\
 ImageBind embeddings of files of any modality, written to one file.
 
@@ -47,7 +50,7 @@ whole or not at all, and an existing OUT is replaced only with --force. With at 
 {COSINE_ROWS} inputs in all, their cosine-similarity matrix is printed (for mode 'all': of the
 mean of each input's k embeddings).
 
-example: surgery embed --model imagebind_tiny_test --image teal.png --set num_cls_tokens.vision=2 --head-mode all -o emb.safetensors
+example: {EXAMPLE}
 """
 
 

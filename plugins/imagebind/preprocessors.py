@@ -289,7 +289,8 @@ class TextPreprocessor(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.01)
 
     def forward(self, text: torch.Tensor) -> Encoded:
-        if not isinstance(text, torch.Tensor) or text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+        if (not isinstance(text, torch.Tensor) or text.is_floating_point() or text.is_complex()
+                or text.dtype == torch.bool):
             got = text.dtype if isinstance(text, torch.Tensor) else type(text).__name__
             raise InputError(f"text: expected integer token ids (B, L), got {got}; tokenize strings with "
                              f"surgery_plugins.imagebind.tokenizer")

@@ -57,7 +57,8 @@ def checkpoint_hparams(state_dict: Mapping[str, torch.Tensor], where: str) -> di
         raise CheckpointError(f"{where}: image_bind_proj maps to {proj.shape[0]} but prefix_query is {hp['dim']} wide")
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"^llama\.layers\.(\d+)\.", k))}
     hp["n_layers_seen"] = max(layers) + 1 if layers else None
-    lora = [k for k in state_dict if re.match(r"^llama\.layers\.\d+\.(attention|feed_forward)\.lora_\w+_l1\.weight$", k)]
+    lora_key = re.compile(r"^llama\.layers\.\d+\.(attention|feed_forward)\.lora_\w+_l1\.weight$")
+    lora = [k for k in state_dict if lora_key.match(k)]
     biased = any(re.match(r"^llama\.layers\.\d+\..*\.bias$", k) for k in state_dict)
     hp["phase"] = "finetune" if lora or biased else "pretrain"  # upstream: w_bias = w_lora = phase == "finetune"
     ranks = {int(state_dict[k].shape[0]) for k in lora}
@@ -78,7 +79,8 @@ def _check_fit(hp: Mapping[str, Any], params: Mapping[str, Any], where: str, fol
         raise CheckpointError(f"{where}: query_layer = {hp['query_layer']} (prefix_query rows) is not within "
                               f"1..{params['n_layers']}")
     if params["dim"] % params["n_heads"]:
-        raise CheckpointError(f"{folder}/params.json: dim {params['dim']} is not divisible by n_heads {params['n_heads']}")
+        raise CheckpointError(f"{folder}/params.json: dim {params['dim']} is not divisible by "
+                              f"n_heads {params['n_heads']}")
 
 
 def _encoder(imagebind_weights, imagebind, device, dtype, head_mode, allow_random, seed) -> nn.Module:
@@ -277,8 +279,8 @@ def save_official(model: nn.Module, path: str | os.PathLike, *, imagebind_path: 
         files.append((Path(imagebind_path), encoder_state_dict(model), False))
     for target, _, _ in files:  # both places checked before either file is written
         if target.is_dir() or not target.parent.is_dir():
-            raise CheckpointError(f"cannot save to {target}: "
-                                  + ("it is a directory" if target.is_dir() else f"folder {target.parent} does not exist"))
+            why = "it is a directory" if target.is_dir() else f"folder {target.parent} does not exist"
+            raise CheckpointError(f"cannot save to {target}: {why}")
     for target, sd, wrap in files:
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

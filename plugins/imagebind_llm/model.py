@@ -219,7 +219,8 @@ class ImageBindLLM(nn.Module):
         return self.llama.forward_layers(h, start_pos, first_adapted=self._n_plain(), adapter=adapter,
                                          adapter_kv=adapter_kv, kv_caches=kv_caches)
 
-    def forward(self, tokens: Tensor, labels: Tensor, inputs: Union[Tensor, Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, labels: Tensor,
+                inputs: Union[Tensor, Mapping[str, Any]]) -> tuple[Tensor, Tensor]:
         """Training loss (next-token cross-entropy, label 0 ignored), returned twice as upstream.
         `inputs`: images (upstream's `imgs`, weight 1) or a dict {modality: [tensor, weight]}."""
         visual = self.forward_visual({"Image": [inputs, 1]} if isinstance(inputs, Tensor) else inputs)  # (B, K, D)

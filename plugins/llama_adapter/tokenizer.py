@@ -119,4 +119,5 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, picked)                           # (B, 1), vocabulary id
 
 
-__all__ = ["Tokenizer", "shipped_tokenizer", "SHIPPED_TOKENIZER", "SHIPPED_VOCAB", "PROMPT_INPUT", "PROMPT_NO_INPUT", "format_prompt", "sample_top_p"]
+__all__ = ["Tokenizer", "shipped_tokenizer", "SHIPPED_TOKENIZER", "SHIPPED_VOCAB", "PROMPT_INPUT", "PROMPT_NO_INPUT",
+           "format_prompt", "sample_top_p"]

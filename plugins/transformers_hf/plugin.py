@@ -2,7 +2,7 @@
 
 | backbone | models | sites |
 |---|---|---|
-| `hf_dinov2_registers` | Dinov2WithRegisters: Model, classifier, Backbone | `num_register_tokens` (`class_token` fixed) |
+| `hf_dinov2_registers` | Dinov2WithRegisters: Model/classifier/Backbone | `num_register_tokens` (`class_token` fixed) |
 | `hf_blip2` | BLIP-2 (4 classes) and InstructBLIP (2) with query tokens | `num_query_tokens` |
 | `hf_detr` | DETR / Conditional DETR: Model, ForObjectDetection, ForSegmentation | `num_queries` |
 | `hf_vit` | ViT / DeiT models | `class_token`, `distillation_token`: fixed |

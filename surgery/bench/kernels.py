@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import BenchmarkError, OutputMismatchError
 from . import limits, report
-from .backends import CPU_BACKENDS, GPU_BACKENDS, Impl, implementations, require_backends_on, upstream_form
+from .backends import CPU_BACKENDS, GPU_BACKENDS, Impl, implementations, require_backends_on
 from .timing import Budget, Timing, resolve_device, set_threads, synchronize, time_many
 
 OPS = ("query_concat", "adapter_add", "adapter_attention")
@@ -290,7 +290,7 @@ def run(config: KernelConfig, progress: bool = False,
         impls: Optional[Callable[..., tuple[dict[str, Impl], dict[str, str]]]] = None) -> KernelResults:
     """Every case of the grid. `impls(case, device, backends)` gives the backends of a case
     (default: `implementations`, looked up at call time)."""
-    impls = impls or globals()["implementations"]
+    impls = impls or implementations
     config.checked()
     device = resolve_device(config.device)
     require_backends_on(device, config.backends)

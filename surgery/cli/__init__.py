@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ops.selected_backend()
         if command.run is None:  # a group command typed without its kind
             kinds = ", ".join(k.name for k in registry.kinds(command.name)) or "none installed"
-            raise UsageError(f"choose what 'surgery {command.name}' runs: {kinds} (see 'surgery {command.name} --help')")
+            raise UsageError(f"choose what 'surgery {command.name}' runs: {kinds} "
+                             f"(see 'surgery {command.name} --help')")
         with _ReaderMayLeave():
             return command.run(args)
     except SystemExit as exc:  # plugin or library code calling sys.exit(): never a success

@@ -106,14 +106,14 @@ if triton is not None:
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) of L*B*Q
         cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) of D
-        l = rows // (B * Q)
+        layer = rows // (B * Q)
         b = (rows // Q) % B
         q = rows % Q
         ok = (rows < ROWS)[:, None] & (cols < D)[None, :]
-        a = tl.load(a_ptr + l[:, None] * sa_l + q[:, None] * sa_q + cols[None, :] * sa_d, mask=ok)
+        a = tl.load(a_ptr + layer[:, None] * sa_l + q[:, None] * sa_q + cols[None, :] * sa_d, mask=ok)
         v = tl.load(v_ptr + b[:, None] * sv_b + q[:, None] * sv_q + cols[None, :] * sv_d, mask=ok)
         y = (a.to(tl.float32) + v.to(tl.float32)).to(o_ptr.dtype.element_ty)  # one rounding, as eager
-        tl.store(o_ptr + l[:, None] * so_l + b[:, None] * so_b + q[:, None] * so_q + cols[None, :] * so_d,
+        tl.store(o_ptr + layer[:, None] * so_l + b[:, None] * so_b + q[:, None] * so_q + cols[None, :] * so_d,
                  y, mask=ok)
 
     @triton.jit

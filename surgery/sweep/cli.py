@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                            "site at a time, the others at their baseline)")
     grid.add_argument("--inits", type=_names, help="growth strategies, e.g. normal,zeros,copy (default normal)")
     grid.add_argument("--seeds", type=_ints, help="seeds, e.g. 0,1,2 (default 0)")
-    grid.add_argument("--head-modes", type=_names, help="head modes where the model has them (ImageBind: first,mean,all)")
+    grid.add_argument("--head-modes", type=_names,
+                      help="head modes where the model has them (ImageBind: first,mean,all)")
     what = p.add_argument_group("data and metrics")
     what.add_argument("--data", metavar="PATH", help="image folder or .jsonl/.csv manifest (default: the digits)")
     what.add_argument("--eval-fraction", type=float, default=0.2, help="share of records without a split that "

@@ -114,7 +114,8 @@ def cells(grid: Grid, training: Training, baselines: Mapping[str, Mapping[str, i
         base = dict(baselines[model])
         unknown = [s for s in sites if s not in base]
         if unknown:
-            raise SweepError(f"model {model!r} has no token site {unknown[0]!r}; its sites: {', '.join(base) or 'none'}")
+            raise SweepError(f"model {model!r} has no token site {unknown[0]!r}; "
+                             f"its sites: {', '.join(base) or 'none'}")
         own_mode = (baseline_modes or {}).get(model)
         first = Cell(model, {s: base[s] for s in sites}, NO_INIT, grid.seeds[0], None, untrained, baseline=True,
                      label="baseline", context=context)

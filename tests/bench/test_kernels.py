@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from surgery import ops
-from surgery.bench import BenchmarkError, DeviceUnavailableError, OutputMismatchError, kernels, limits
+from surgery.bench import BenchmarkError, DeviceUnavailableError, OutputMismatchError, backends, kernels, limits
 from surgery.bench.kernels import Case, Impl, KernelConfig
 from surgery.bench.timing import Timing
 
@@ -55,7 +55,7 @@ def test_grid_has_the_7b_shapes_and_a_sweep_without_repeats():
 def test_the_upstream_forms_agree_with_the_reference(op):
     case = small(op)
     args = case.inputs(CPU)
-    kernels.verify(case, "upstream", kernels.upstream_form(op)(*args), args)  # does not raise
+    kernels.verify(case, "upstream", backends.upstream_form(op)(*args), args)  # does not raise
 
 
 @pytest.mark.parametrize("op", kernels.OPS)

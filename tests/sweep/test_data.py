@@ -52,7 +52,7 @@ def test_jsonl_and_csv_manifests_resolve_paths_beside_them(tmp_path):
     for name in ("pairs.jsonl", "pairs.csv"):
         data = load_data(tmp_path / name)
         assert data.fields == {"image", "text", "split"}
-        assert [r["image"] for r in data.records] == [str(tmp_path / "imgs" / "x.png"), str(tmp_path / "imgs" / "y.png")]
+        assert [r["image"] for r in data.records] == [str(tmp_path / "imgs" / f) for f in ("x.png", "y.png")]
         assert [r["split"] for r in data.records] == ["train", "eval"]
     assert load_data(tmp_path / "pairs.csv").fingerprint == load_data(tmp_path / "pairs.jsonl").fingerprint
 

@@ -96,7 +96,8 @@ def test_huge_architecture_has_the_released_keys_and_size():
         "modality_postprocessors.text.1.log_logit_scale": (),
     }
     assert {k: tuple(sd[k].shape) for k in shapes} == shapes
-    assert "modality_trunks.text.blocks.0.attn.bias_k" not in sd and "modality_postprocessors.vision.1.log_logit_scale" not in sd
+    assert "modality_trunks.text.blocks.0.attn.bias_k" not in sd
+    assert "modality_postprocessors.vision.1.log_logit_scale" not in sd
     assert isinstance(model.modality_postprocessors.text[1].log_logit_scale, torch.nn.Parameter)
     assert "log_logit_scale" in dict(model.modality_postprocessors.audio[1].named_buffers())
 

@@ -48,7 +48,8 @@ def test_clip_axis_is_averaged_as_upstream():
     with torch.no_grad():
         out = model({"vision": video, "audio": audio})
         for modality, x in (("vision", video), ("audio", audio)):
-            torch.testing.assert_close(out[modality], ref.embed(sd(model), model.config, modality, x), atol=ATOL, rtol=1e-5)
+            expected = ref.embed(sd(model), model.config, modality, x)
+            torch.testing.assert_close(out[modality], expected, atol=ATOL, rtol=1e-5)
             per_clip = model({modality: x.flatten(0, 1).unsqueeze(1)})[modality].view(2, 3, -1)  # S = 1 each
             torch.testing.assert_close(out[modality], per_clip.mean(1))  # the mean is not renormalised
     assert not torch.allclose(out["vision"].norm(dim=-1), torch.ones(2))

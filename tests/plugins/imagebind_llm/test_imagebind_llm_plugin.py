@@ -44,8 +44,8 @@ def test_growing_cls_tokens_gives_k_visual_tokens_as_the_reference(k):
     ref = RefImageBindLLM(model)
     ref.llama.eval_cache(2, torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(logits(model, inputs, tok), ref.forward_inference(ref.forward_visual(inputs), tok, 0),
-                                   **TIGHT)
+        expected = ref.forward_inference(ref.forward_visual(inputs), tok, 0)
+        torch.testing.assert_close(logits(model, inputs, tok), expected, **TIGHT)
 
 
 def test_shrinking_back_to_one_restores_upstreams_outputs_bit_for_bit():
@@ -76,8 +76,8 @@ def test_query_layer_keeps_the_last_layers_rows():
     ref = RefImageBindLLM(model)
     ref.llama.eval_cache(2, torch.float32)
     with torch.no_grad():
-        torch.testing.assert_close(logits(model, inputs, tok), ref.forward_inference(ref.forward_visual(inputs), tok, 0),
-                                   **TIGHT)
+        expected = ref.forward_inference(ref.forward_visual(inputs), tok, 0)
+        torch.testing.assert_close(logits(model, inputs, tok), expected, **TIGHT)
     with pytest.raises(CountError, match="above the maximum 4"):
         surgery.resize(model, query_layer=5)
 

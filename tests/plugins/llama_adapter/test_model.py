@@ -200,7 +200,8 @@ def test_no_cuda_calls_in_the_plugin():
         toks = [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
                 if t.type in (tokenize.NAME, tokenize.OP)]
         for a, b, c in zip(toks, toks[1:], toks[2:]):
-            if (a.string, b.string, c.string) == (".", "cuda", "(") or b.string in ("HalfTensor", "set_default_tensor_type"):
+            moves_to_cuda = (a.string, b.string, c.string) == (".", "cuda", "(")
+            if moves_to_cuda or b.string in ("HalfTensor", "set_default_tensor_type"):
                 offenders.append(f"{path.name}:{b.start[0]}")
     assert not offenders
 

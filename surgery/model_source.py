@@ -33,8 +33,8 @@ ever loaded when the user asks (`--pretrained`), never because a file names a mo
 A layout a plugin recognised may build its model itself (`Layout.build`: a Hugging Face folder's
 class, chosen by the plugin from config.json's model_type). config.json's numbers then size the
 model, so `build_on_meta` counts it while it is built on the meta device and stops the build as
-soon as it holds more than the file's elements plus `SIZE_MARGIN`, or more modules than
-`MODULES_PER_TENSOR` per file tensor plus `MODULE_MARGIN`: a config claiming a million layers
+soon as it holds more than the file's elements plus `SIZE_MARGIN`, or more modules (or tensors)
+than `MODULES_PER_TENSOR` per file tensor plus `MODULE_MARGIN`: a config claiming a million layers
 costs what the first few cost. `allowing_large()` lifts both limits for everything opened inside
 it (the CLI's `--allow-large`), the plugin's own sizing of the folder included.
 """
@@ -66,6 +66,10 @@ SIZE_MARGIN = 1 << 24
 # tensor (containers, activations and dropouts have none); a margin for heads and extras.
 MODULES_PER_TENSOR = 4
 MODULE_MARGIN = 1024
+# While a model is being built it may hold more than it will: a weight tied after it is built (an
+# lm_head tied to the embedding, written once in the file) exists twice for a moment. A build is
+# stopped once past this many times the limit; the built model is held to the limit itself.
+BUILDING_SLACK = 2
 MAX_DEPTH = 4  # nesting of a metadata keyword argument's value (ImageBind's counts: one mapping)
 
 
@@ -268,7 +272,8 @@ def large_allowed() -> bool:
 
 @dataclass(frozen=True)
 class SizeLimit:
-    """What a file's tensors justify building: `elements` (parameters and buffers) and `modules`."""
+    """What a file's tensors justify building: `elements` (parameters and buffers), and `modules`
+    (as many modules, and as many tensors)."""
 
     tensors: int  # how many tensors the file holds
     justified: int  # their elements
@@ -322,13 +327,17 @@ def build_on_meta(factory: Callable[[], Any], what: str, *, justified_by: Mappin
             raise CheckpointError(_too_large(what, where, "elements", limit))
         if sum(1 for _ in model.modules()) > limit.modules:
             raise CheckpointError(_too_large(what, where, "modules", limit))
+        if len(tensors) > limit.modules:
+            raise CheckpointError(_too_large(what, where, "tensors", limit))
     return model
 
 
 class _Tally:
     """Counts the tensors and modules registered on this thread while a model is built, and stops the
-    build (raises from the registration) once either passes its limit. A tensor registered twice (a
-    tied weight) counts once; one replaced and freed stops counting (weak references)."""
+    build (raises from the registration) once their elements, their number or the modules' pass the
+    limit. A tensor registered twice (a tied weight) counts once; one replaced and freed stops
+    counting (weak references). A module counts once attached to its parent (a layer built inside a
+    layer list counts as it is built, by its own parts)."""
 
     class Exceeded(Exception):
         pass
@@ -358,16 +367,20 @@ class _Tally:
         if seen is None or seen[0]() is not tensor:
             self.tensors[id(tensor)] = (weakref.ref(tensor), tensor.numel())
             self.elements += tensor.numel()
-        if self.elements > self.limit.elements:  # recount the live ones: replaced tensors were freed
+        elements, tensors = self.limit.elements * BUILDING_SLACK, self.limit.modules * BUILDING_SLACK
+        if self.elements > elements or len(self.tensors) > tensors:
+            # recount the live ones: replaced tensors were freed
             self.tensors = {k: v for k, v in self.tensors.items() if v[0]() is not None}
             self.elements = sum(n for _, n in self.tensors.values())
-            self._check(self.elements > self.limit.elements, "elements")
+            self._check(self.elements > elements, "elements")
+            self._check(len(self.tensors) > tensors, "tensors")
         self._check(bool(self.exceeded), self.exceeded)
 
     def _module(self, parent: nn.Module, name: str, module: Any) -> None:
         if threading.get_ident() == self.thread and isinstance(module, nn.Module):
             self.modules += 1
-            self._check(self.modules > self.limit.modules or bool(self.exceeded), self.exceeded or "modules")
+            over = self.modules > self.limit.modules * BUILDING_SLACK
+            self._check(over or bool(self.exceeded), self.exceeded or "modules")
 
     def _check(self, over: bool, what: str) -> None:
         if over:
@@ -376,8 +389,8 @@ class _Tally:
 
 
 def _too_large(what: str, where: str, exceeded: str, limit: SizeLimit) -> str:
-    if exceeded == "modules":
-        size = (f"more than {limit.modules:,} modules: {MODULES_PER_TENSOR} per tensor of the file "
+    if exceeded in ("modules", "tensors"):
+        size = (f"more than {limit.modules:,} {exceeded}: {MODULES_PER_TENSOR} per tensor of the file "
                 f"({limit.tensors:,}) plus {MODULE_MARGIN:,}")
     else:
         size = (f"more than {limit.elements:,} elements: the file's tensors ({limit.justified:,}) plus a margin "

@@ -248,3 +248,118 @@ def test_safe_kwargs_must_be_keyword_names(fresh_host):
 
     assert not fresh_host.add_plugin(Odd(), "toy")
     assert "safe_kwargs must be keyword names" in fresh_host.records["toy"].error
+
+
+# -- build_on_meta: a model sized by a file's numbers, stopped once larger than the file justifies ------
+
+
+class CountedLinear(torch.nn.Linear):
+    """nn.Linear that counts how many were built (on any device)."""
+
+    built = 0
+
+    def __init__(self, *args, **kwargs):
+        CountedLinear.built += 1
+        super().__init__(*args, **kwargs)
+
+
+def layers(n: int) -> torch.nn.Module:
+    """A model of `n` one-weight layers: what a config.json claiming `n` layers describes."""
+    return torch.nn.Sequential(*(CountedLinear(1, 1, bias=False) for _ in range(n)))
+
+
+def weights(numel: int, tensors: int = 1) -> dict:
+    """A file's tensors, by their sizes only (meta tensors: build_on_meta reads nothing else)."""
+    return {f"w{i}": torch.empty(numel, device="meta") for i in range(tensors)}
+
+
+def test_build_on_meta_stops_a_model_of_a_million_layers_after_a_few():
+    from surgery.model_source import BUILDING_SLACK, MODULE_MARGIN, MODULES_PER_TENSOR, build_on_meta
+
+    CountedLinear.built = 0
+    with pytest.raises(CheckpointError, match=r"the file \(from a test\) asks for 10\*\*6 layers, which holds more "
+                                              r"than 1,028 tensors.*nothing allocated.*--allow-large"):
+        build_on_meta(lambda: layers(10**6), "10**6 layers", justified_by=weights(1), where="the file (from a test)")
+    # stopped while building, within twice the limit (a tied weight exists twice for a moment), not at 10**6
+    assert CountedLinear.built <= BUILDING_SLACK * (MODULES_PER_TENSOR * 1 + MODULE_MARGIN) + 1
+    model = build_on_meta(lambda: layers(3), "3 layers", justified_by=weights(1, tensors=3))  # what the file holds
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_build_on_meta_counts_elements_once_per_live_tensor(monkeypatch):
+    from surgery.model_source import SIZE_MARGIN, build_on_meta
+
+    big = SIZE_MARGIN + 1
+
+    def tied():  # a head tied to its embedding (as transformers ties an lm_head): one tensor, counted once
+        model = torch.nn.Module()
+        model.embed = torch.nn.Embedding(big, 1)
+        model.head = torch.nn.Linear(1, big, bias=False)  # its own weight, freed when tied below
+        model.head.weight = model.embed.weight
+        return model
+
+    assert build_on_meta(tied, "a tied model", justified_by=weights(big, tensors=1))
+    # the built model is held to the limit itself: the file's element plus the margin, not one more
+    assert build_on_meta(lambda: torch.nn.Embedding(big, 1), "as many rows", justified_by=weights(1))
+    with pytest.raises(CheckpointError, match="more than 16,777,217 elements"):
+        build_on_meta(lambda: torch.nn.Embedding(big + 1, 1), "one row too many", justified_by=weights(1))
+
+
+def test_build_on_meta_cannot_be_talked_out_of_its_limit():
+    from surgery.model_source import SIZE_MARGIN, build_on_meta
+
+    def stubborn():  # catches the refusal from each registration and goes on
+        model = torch.nn.Module()
+        for i in range(3):
+            try:
+                setattr(model, f"w{i}", torch.nn.Parameter(torch.empty(SIZE_MARGIN)))
+            except Exception:
+                pass
+        return model
+
+    with pytest.raises(CheckpointError, match="elements"):
+        build_on_meta(stubborn, "a stubborn model", justified_by=weights(1))
+
+    def unregistered():  # a tensor put where the registration hooks do not see it: the built model is counted
+        model = torch.nn.Linear(1, 1)
+        model._parameters["weight"] = torch.nn.Parameter(torch.empty(2 * SIZE_MARGIN, 1))
+        return model
+
+    with pytest.raises(CheckpointError, match="elements"):
+        build_on_meta(unregistered, "a hidden tensor", justified_by=weights(1))
+
+
+def test_build_on_meta_counts_only_its_own_thread():
+    import threading
+
+    from surgery.model_source import SIZE_MARGIN, build_on_meta
+
+    def with_a_neighbour():  # another thread builds a large module meanwhile: not this model's
+        other = threading.Thread(target=lambda: torch.nn.Linear(SIZE_MARGIN, 4, device="meta"))
+        other.start()
+        other.join()
+        return torch.nn.Linear(1, 1)
+
+    assert isinstance(build_on_meta(with_a_neighbour, "a small model", justified_by=weights(2)), torch.nn.Linear)
+
+
+def test_allowing_large_lifts_the_limits_within_its_block():
+    from surgery.model_source import allowing_large, build_on_meta, large_allowed
+
+    assert not large_allowed()
+    with allowing_large():
+        assert large_allowed()
+        assert len(build_on_meta(lambda: layers(1100), "1100 layers", justified_by=weights(1))) == 1100
+    assert not large_allowed()
+    with pytest.raises(CheckpointError, match="more than 1,028 modules"):  # the built model, held to the limit
+        build_on_meta(lambda: layers(1100), "1100 layers", justified_by=weights(1))
+
+
+def test_build_on_meta_counts_modules_as_they_are_attached():
+    from surgery.model_source import build_on_meta
+
+    def block():  # a layer of parameterless parts: its modules count as it is built
+        return torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(), torch.nn.ReLU())
+
+    with pytest.raises(CheckpointError, match="more than 1,028 modules"):
+        build_on_meta(lambda: torch.nn.ModuleList([block() for _ in range(10**6)]), "blocks", justified_by=weights(1))

@@ -91,7 +91,8 @@ def randomize_zero_tokens(model: nn.Module) -> nn.Module:
     instead, in place, so that every token differs and a test can tell which ones a resize kept."""
     with torch.no_grad():
         for name, tensor in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in TOKEN_TABLES and not tensor.any():
+            # on the meta device (a model only counted, `surgery inspect FILE`) there are no values
+            if name.rsplit(".", 1)[-1] in TOKEN_TABLES and not tensor.is_meta and not tensor.any():
                 tensor.normal_()
     return model
 

@@ -233,6 +233,13 @@ def test_an_existing_out_is_refused_and_left_as_it_was(folders, tmp_path, capsys
     code, _, err = run_cli(capsys, *resize, "--force")
     assert_one_line(code, 1, err, "sub", "not regular files")
     assert snapshot(out) == before
+    # nor a symbolic link to a model folder: the link's target is left as it was
+    (tmp_path / "link").symlink_to(folders["detr"], target_is_directory=True)
+    before = snapshot(folders["detr"])
+    code, _, err = run_cli(capsys, "resize", folders["dinov2"], "--set", "num_register_tokens=4",
+                           "-o", tmp_path / "link", "--force")
+    assert_one_line(code, 1, err, "symbolic link")
+    assert snapshot(folders["detr"]) == before and (tmp_path / "link").is_symlink()
     # a file is not replaced by a folder, even with --force
     code, _, err = run_cli(capsys, "resize", folders["dinov2"], "--set", "num_register_tokens=4",
                            "-o", out / "notes.txt", "--force")
@@ -261,3 +268,13 @@ def test_a_bad_count_writes_nothing(folders, tmp_path, capsys):
     code, _, err = run_cli(capsys, "resize", folders["detr"], "--set", "num_queries=0", "-o", out)
     assert_one_line(code, 1, err, "num_queries")
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".surgery-")]
+
+
+def test_a_registered_tiny_model_saved_by_surgery_opens_by_its_name(tmp_path, capsys):
+    # its metadata names the registered model, which is counted on the meta device before it is built
+    model = surgery.build("hf_dinov2_reg_tiny")
+    surgery.resize(model, num_register_tokens=3)
+    surgery.save(model, tmp_path / "reg3.safetensors")
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "reg3.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["counts"]["num_register_tokens"] == 3

@@ -104,6 +104,8 @@ def llama_adapter(walk: Walkthrough, cast: Cast, max_new: int) -> None:
               f"model.generate(image, [format_prompt({INSTRUCTION!r})], max_gen_len={max_new}, temperature=0)")
     print(f"  image {tuple(image.shape)}: a sign with three lines of 'text' under the sun, drawn with torch")
     print(f"  prompt: the Alpaca template around the instruction, {len(prompt)} tokens")
+    print("  (each timing follows an untimed warm-up at the same shapes; a model this small is timed in\n"
+          "   milliseconds, so rates vary from run to run: `surgery bench e2e` measures properly)")
     generate(model, image, prompt, 1)  # warm-up: first-call costs (allocations, dispatch) stay out of the timings
     first = generate(model, image, prompt, max_new)
     print(first.line(f"query_len={model.query_len}"))
@@ -124,9 +126,11 @@ def llama_adapter(walk: Walkthrough, cast: Cast, max_new: int) -> None:
         walk.code(f"surgery.resize(model, query_len={count})   # {note}")
         surgery.resize(model, query_len=count)
         print(f"  {adapter_text(model)}")
+        generate(model, image, prompt, 1)  # warm-up at the new shapes, as above
         print(generate(model, image, prompt, max_new).line(f"query_len={count}"))
     walk.code(f"surgery.resize(model, query_len={released})   # truncate: the first {released} are the released ones")
     surgery.resize(model, query_len=released)
+    generate(model, image, prompt, 1)
     again = generate(model, image, prompt, max_new)
     print(again.line(f"query_len={released}"))
     walk.check(f"visual queries and answer equal the first run's at query_len={released}",

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_json_flag(p)
 
 
-def open_checkpoint(path: str, model_name: str | None, allow_large: bool = False) -> tuple[Any, dict[str, Any], str, str]:
+def open_checkpoint(path: str, model_name: str | None,
+                    allow_large: bool = False) -> tuple[Any, dict[str, Any], str, str]:
     """(model, the file's metadata, the model's name, where that name came from): `open_file`'s,
     for callers that need no layout."""
     opened = open_file(path, model_name, allow_large)

@@ -42,13 +42,17 @@ def clip_transform(image_size: int = 224):
 
 def load_images(images: ImageLike | Sequence[ImageLike], image_size: int = 224, *,
                 rgb_first: bool = False) -> torch.Tensor:
-    """Paths and/or PIL images -> a (B, 3, S, S) fp32 batch through `clip_transform`."""
+    """Paths and/or PIL images -> a (B, 3, S, S) fp32 batch through `clip_transform`. Every file is
+    checked to decode before any is transformed: a missing or undecodable one is a ModelInputError
+    naming it."""
     from PIL import Image
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     if not images:
         raise ModelInputError("load_images needs at least one image (a path or a PIL image)")
+    for path in dict.fromkeys(i for i in images if not isinstance(i, Image.Image)):
+        _check_decodes(path)
     transform = clip_transform(image_size)
     batch = []
     for item in images:
@@ -58,6 +62,19 @@ def load_images(images: ImageLike | Sequence[ImageLike], image_size: int = 224, 
         with Image.open(item) as image:  # closes the file; the transform reads the pixels first
             batch.append(transform(image.convert("RGB") if rgb_first else image))
     return torch.stack(batch)  # (B, 3, S, S)
+
+
+def _check_decodes(path: str | os.PathLike) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        raise ModelInputError(f"image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ModelInputError(f"image {path}: not an image Pillow can decode ({exc}); give a PNG, JPEG, "
+                              f"WebP ... file") from None
 
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ImageLike", "clip_transform", "load_images"]

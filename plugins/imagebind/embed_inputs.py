@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from surgery.errors import CheckpointError, ModelInputError
+from surgery.images import load_images
 
 ARRAY_SUFFIXES = (".npy", ".pt")
 
@@ -84,9 +85,8 @@ def read_image(model: nn.Module, paths: list[str]) -> torch.Tensor:
         return stack("image", paths, [read_array("image", p, {3: "(3, H, W)"}) for p in paths])
     if any(_is_array(p) for p in paths):
         raise ModelInputError("--image: give image files or preprocessed arrays, not both in one batch")
-    from surgery_plugins.llama_adapter.generate_family import read_images  # checks each file decodes first
 
-    return read_images(paths, size, rgb_first=True)
+    return load_images(paths, size, rgb_first=True)  # each file checked to decode first
 
 
 def read_video(model: nn.Module, paths: list[str]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from surgery.errors import ModelInputError
-from surgery_plugins.llama_adapter.generate_family import read_images
+from surgery.images import load_images
 
 NAMES = {"image": "Image", "audio": "Audio", "points": "Point"}  # the model's input names (upstream's)
 
@@ -47,7 +47,7 @@ def read_inputs(model: nn.Module, inputs: dict[str, tuple[list[str], float]], ba
         name = NAMES[modality]
         model.modality(name)  # an encoder without this modality: one error naming those it has
         if modality == "image":
-            x = read_images(paths, config["vision"].input_size[-1], rgb_first=True)  # as ImageBind's loader
+            x = load_images(paths, config["vision"].input_size[-1], rgb_first=True)  # as ImageBind's loader
         elif modality == "audio":
             mel_bins, frames = config["audio"].input_size
             try:

@@ -70,6 +70,9 @@ small tokenizer: the text is gibberish, the shapes, timings and checks are real.
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "model", None) or getattr(args, "set", None):  # `demo`'s own options, typed before `study`
+        raise UsageError("--model and --set choose the single-model walk ('surgery demo --model NAME'); the story "
+                         "builds its own models: type 'surgery demo study' without them")
     if args.max_new_tokens < 2:
         raise UsageError(f"--max-new-tokens must be at least 2 (a first token, then decoding to time), "
                          f"got {args.max_new_tokens}")

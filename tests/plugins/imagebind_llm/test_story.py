@@ -183,6 +183,8 @@ def test_a_failed_check_prints_mismatch_and_exits_1(capsys, monkeypatch):
 @pytest.mark.parametrize("argv, status, mentions", [
     (["demo", "study", "--max-new-tokens", "1"], 2, "--max-new-tokens must be at least 2"),
     (["demo", "study", "--size", "huge"], 2, "invalid choice: 'huge'"),
+    (["demo", "--model", "vit_tiny_test", "study"], 2, "--model and --set choose the single-model walk"),
+    (["demo", "--set", "reg_tokens=2", "study"], 2, "--model and --set choose the single-model walk"),
 ])
 def test_bad_options_are_one_line(capsys, argv, status, mentions):
     code = main(argv)

@@ -29,6 +29,7 @@ from torch import nn
 
 from surgery import hookimpl
 from surgery.errors import CheckpointError, SurgeryError
+from surgery_plugins.llama_adapter.layouts import build_if_shapes_fit, n_heads_of
 
 from .loading import check_official_keys, checkpoint_config, checkpoint_hparams, is_official_key, save_official
 
@@ -68,16 +69,8 @@ def registered_fit(shapes: Mapping[str, tuple[int, ...]], config: Any, *, imageb
         kwargs = {"query_layer": config.query_layer, **(encoder_kwargs or {})}
         kwargs.update({k: getattr(config, k) for k in VARIANTS
                        if getattr(config, k) != getattr(base, k) and (k != "lora_rank" or config.phase == "finetune")})
-        try:
-            with torch.device("meta"):
-                candidate = spec.factory(**kwargs)
-        except (SurgeryError, ValueError):  # a query_layer beyond this size's layers
-            continue
-        theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
-        if complete and theirs.keys() != shapes.keys():
-            continue
-        if all(theirs.get(k) == tuple(s) for k, s in shapes.items()) and \
-                (not complete or candidate.config.norm_eps == config.norm_eps):
+        candidate = build_if_shapes_fit(spec, kwargs, shapes, complete)
+        if candidate is not None and (not complete or candidate.config.norm_eps == config.norm_eps):
             return name, kwargs
     return None
 
@@ -92,13 +85,12 @@ def read_layout(path: Path, state_dict: Mapping[str, torch.Tensor]) -> Any:
     where = f"{LAYOUT} {path}"
     hp = checkpoint_hparams(state_dict, where)
     n_layers = hp["n_layers_seen"] or hp["query_layer"]
-    gate = next((t for k, t in state_dict.items() if k.endswith(".attention.gate") and t.dim() == 4), None)
     # the key names of the architecture the tensors describe: the encoder's are none of the file's,
     # so the smallest one does, at the bridge's input width
     encoder = dataclasses.replace(ImageBindConfig.named("tiny", modalities=("vision",)), out_embed_dim=hp["in_dim"])
     try:
         arch = checkpoint_config(hp, encoder, dim=hp["dim"], n_layers=n_layers,
-                                 n_heads=int(gate.shape[1]) if gate is not None else 1)
+                                 n_heads=n_heads_of(state_dict))
         with torch.device("meta"):
             expected = ImageBindLLM(arch).state_dict()
     except (SurgeryError, ValueError) as exc:

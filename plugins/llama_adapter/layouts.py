@@ -67,21 +67,30 @@ def registered_fit(shapes: Mapping[str, tuple[int, ...]], config: Any, *, fields
         kwargs = {k: getattr(config, k) for k in COUNTS}
         kwargs.update({k: getattr(config, k) for k in VARIANTS
                        if getattr(config, k) != getattr(base, k) and (k != "lora_rank" or config.w_lora)})
-        try:
-            with torch.device("meta"):
-                candidate = spec.factory(**kwargs)
-        except (SurgeryError, ValueError):  # counts this size cannot take (query_layer beyond its layers)
-            continue
-        theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
-        if complete and theirs.keys() != shapes.keys():
-            continue
-        if all(theirs.get(k) == tuple(s) for k, s in shapes.items()) and \
-                all(getattr(candidate.config, f) == getattr(config, f) for f in fields):
+        candidate = build_if_shapes_fit(spec, kwargs, shapes, complete)
+        if candidate is not None and all(getattr(candidate.config, f) == getattr(config, f) for f in fields):
             return name, kwargs
     return None
 
 
-def _n_heads(state_dict: Mapping[str, torch.Tensor]) -> int:
+def build_if_shapes_fit(spec: Any, kwargs: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                        complete: bool) -> nn.Module | None:
+    """The registered model `spec` built with `kwargs` on the meta device, when it has every key of
+    `shapes` at that shape (`complete`: and no other key); None otherwise, or when the size cannot
+    take those counts (a query_layer beyond its layers). Shared by this plugin's and ImageBind-LLM's
+    layouts."""
+    try:
+        with torch.device("meta"):
+            candidate = spec.factory(**kwargs)
+    except (SurgeryError, ValueError):
+        return None
+    theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+    if complete and theirs.keys() != shapes.keys():
+        return None
+    return candidate if all(theirs.get(k) == tuple(s) for k, s in shapes.items()) else None
+
+
+def n_heads_of(state_dict: Mapping[str, torch.Tensor]) -> int:
     """LLaMA's head count from a layer's gate (1, n_heads, 1, 1); 1 when no gate is there (key
     names do not depend on it, and the key check then names the missing gates)."""
     gate = next((t for k, t in state_dict.items() if k.endswith(".attention.gate") and t.dim() == 4), None)
@@ -101,7 +110,7 @@ def read_layout(path: Path, state_dict: Mapping[str, torch.Tensor]) -> Any:
     n_layers = hp["n_layers_seen"] or hp["query_layer"]
     try:
         arch = adapter_config(hp, ClipVisionConfig(output_dim=hp["clip_dim"]), dim=hp["dim"], n_layers=n_layers,
-                              n_heads=_n_heads(state_dict))
+                              n_heads=n_heads_of(state_dict))
         # the key names of the architecture the tensors describe; CLIP's are none of the file's, so
         # the smallest tower does (a ViT-L/14 takes seconds to initialise, even on the meta device)
         probe = dataclasses.replace(arch, clip=ClipVisionConfig(image_size=14, patch_size=14, width=64, layers=1,
@@ -132,4 +141,5 @@ def surgery_checkpoint_layout(path, state_dict):
     return read_layout(path, state_dict)
 
 
-__all__ = ["LAYOUT", "is_adapter_file", "registered_fit", "read_layout", "write_adapter"]
+__all__ = ["LAYOUT", "build_if_shapes_fit", "is_adapter_file", "n_heads_of", "registered_fit", "read_layout",
+           "write_adapter"]

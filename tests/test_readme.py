@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import timm
 import torch
@@ -16,22 +15,7 @@ import torch
 import surgery
 from surgery.cli import build_parser, main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def code_blocks(language: str) -> list[str]:
-    """The README's fenced blocks of `language` ("" for plain ones), in order."""
-    blocks, current, kind = [], None, ""
-    for line in README.read_text(encoding="utf-8").splitlines():
-        if line.startswith("```") and current is None:
-            current, kind = [], line[3:].strip()
-        elif line.startswith("```"):
-            if kind == language:
-                blocks.append("\n".join(current) + "\n")
-            current = None
-        elif current is not None:
-            current.append(line)
-    return blocks
+from readme_blocks import code_blocks
 
 
 def test_the_first_python_example_runs_as_written(tmp_path, monkeypatch, capsys):

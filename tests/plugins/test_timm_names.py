@@ -17,7 +17,6 @@ import shlex
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -28,7 +27,8 @@ from safetensors.torch import load_file, save_file
 import surgery
 from surgery.cli import main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+from readme_blocks import bash_lines
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a snapshot's commit hash, as the hub gives one
 
 # -- no network: every connection refused and recorded ------------------------------------------------
@@ -273,11 +273,9 @@ def test_pretrained_is_for_a_model_name(tmp_path, capsys, monkeypatch, argv, men
 
 
 def test_the_readme_timm_example_runs_as_written(tmp_path, monkeypatch, capsys, no_network):
-    text = README.read_text(encoding="utf-8")
-    block = next(b for b in text.split("```bash\n")[1:] if "--model deit3_small_patch16_224" in b).split("```")[0]
     monkeypatch.chdir(tmp_path)
     outputs = []
-    for line in block.strip().splitlines():
+    for line in bash_lines("--model deit3_small_patch16_224"):
         argv = shlex.split(line, comments=True)
         if argv[0] == "python":
             exec(compile(argv[2], "README.md", "exec"), {})

@@ -322,11 +322,9 @@ def test_the_readme_and_help_examples_run_as_written(tmp_path, monkeypatch, caps
     import re
     import shlex
     import subprocess
-    from pathlib import Path
+    from readme_blocks import bash_lines
 
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
-    block = next(b for b in readme.split("```bash\n")[1:] if "surgery embed" in b.split("```")[0])
-    lines = [line for line in block.split("```")[0].splitlines() if line.strip()]
+    lines = bash_lines("surgery embed")
     assert main(["embed", "--help"]) == 0
     lines.append(re.search(r"example: (surgery embed .*)", capsys.readouterr().out).group(1))
     monkeypatch.chdir(tmp_path)

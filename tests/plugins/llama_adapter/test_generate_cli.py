@@ -166,11 +166,9 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     import shlex
     import subprocess
     import sys
-    from pathlib import Path
+    from readme_blocks import bash_lines
 
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
-    block = next(b for b in readme.split("```bash\n")[1:] if "surgery generate" in b.split("```")[0])
-    lines = [line for line in block.split("```")[0].splitlines() if line.strip()]
+    lines = bash_lines("surgery generate")
     monkeypatch.chdir(tmp_path)
     ran = 0
     for line in lines:
